@@ -1,0 +1,1 @@
+"""engines/: compiles the exported ONNX into TensorRT engines (planned: issue 5)."""

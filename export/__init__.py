@@ -1,0 +1,1 @@
+"""export/: traces the reference model layer by layer into ONNX (planned: issue 3)."""

@@ -1,0 +1,153 @@
+"""The `qwen3next-trt` command.
+
+Bad input ends with one line naming the file and field or tensor, exit code 2 (`--debug` shows the
+traceback); a parity check over tolerance exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from qwen3next_trt.errors import InputError, ToleranceError
+
+
+def _gib(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.2f} M"
+
+
+def cmd_info(args) -> int:
+    from qwen3next_trt.model import resolve_config
+    from qwen3next_trt.model.stats import model_stats, state_bytes_per_token_and_sequence
+
+    cfg = resolve_config(args.model)
+    st = model_stats(cfg)
+    n_full = len(cfg.full_attention_layers)
+    n_lin = len(cfg.linear_attention_layers)
+    n_moe = sum(1 for _, _, m in st.layer_plan if m == "moe")
+    rope = cfg.rope
+    per_token, per_seq = state_bytes_per_token_and_sequence(cfg)
+    print(f"model: {args.model}  ({cfg.source})")
+    print(f"layers: {cfg.num_hidden_layers} ({n_lin} linear attention / Gated DeltaNet, {n_full} full attention); "
+          f"{n_moe} MoE, {cfg.num_hidden_layers - n_moe} dense; MTP layers: {cfg.num_mtp_layers}")
+    print(f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, rms_norm_eps {cfg.rms_norm_eps:g}, "
+          f"tie_word_embeddings {cfg.tie_word_embeddings}, max positions {cfg.max_position_embeddings}")
+    print(f"gated attention: {cfg.num_attention_heads} query / {cfg.num_key_value_heads} KV heads x {cfg.head_dim}, "
+          f"RoPE {rope.rope_type} theta {rope.rope_theta:g} on {cfg.rotary_dim} of {cfg.head_dim} dims")
+    print(f"Gated DeltaNet: {cfg.linear_num_key_heads} key / {cfg.linear_num_value_heads} value heads, "
+          f"dims {cfg.linear_key_head_dim}/{cfg.linear_value_head_dim}, conv width {cfg.linear_conv_kernel_dim}")
+    if cfg.num_experts:
+        print(f"MoE: {cfg.num_experts} experts, top-{cfg.num_experts_per_tok} (renormalised: {cfg.norm_topk_prob}), "
+              f"expert width {cfg.moe_intermediate_size}, shared expert width {cfg.shared_expert_intermediate_size}")
+    print()
+    print(f"{'':28}{'total':>12}{'active/token':>14}")
+    print(f"{'main model':28}{_params(st.main.total):>12}{_params(st.main.active):>14}")
+    print(f"{'  of which embed + lm_head':28}{_params(st.embeddings):>12}{_params(st.embeddings):>14}")
+    print(f"{'  without embed + lm_head':28}{_params(st.main.total - st.embeddings):>12}{_params(st.main.active - st.embeddings):>14}")
+    if st.mtp.total:
+        print(f"{'MTP head':28}{_params(st.mtp.total):>12}{_params(st.mtp.active):>14}")
+    print()
+    print(f"weights, main model: BF16 {_gib(st.bf16_bytes)}; FP8 (128x128 blocks, official BF16 modules kept) "
+          f"{_gib(st.main.fp8_bytes)}; MTP adds {_gib(2 * st.mtp.total)} / {_gib(st.mtp.fp8_bytes)}")
+    print(f"state per sequence: KV cache {_gib(per_token)} per token (BF16), "
+          f"DeltaNet conv + recurrent state {_gib(per_seq)} (fixed)")
+    print()
+    print("layer plan:")
+    plan = [f"{i:>3} {'linear' if t == 'linear_attention' else 'FULL  '} {m}" for i, t, m in st.layer_plan]
+    cols = 4
+    for r in range(0, len(plan), cols):
+        print("  " + "   ".join(f"{p:<18}" for p in plan[r : r + cols]).rstrip())
+    return 0
+
+
+def _checkpoint_for(model: str, work: Path) -> Path:
+    """A checkpoint directory; for a preset, a seeded random checkpoint written under `work`."""
+    from qwen3next_trt.model import PRESETS, load_preset, random_model, save_model
+
+    if model not in PRESETS:
+        return Path(model)
+    if model != "tiny":
+        raise InputError(f"--model {model}: parity needs a checkpoint directory (only the 'tiny' preset is generated)")
+    print(f"writing a seeded random '{model}' checkpoint to {work / model}")
+    return save_model(random_model(load_preset(model), seed=0), work / model, max_shard_bytes=2**21)
+
+
+def cmd_parity(args) -> int:
+    from qwen3next_trt.validate.hf_parity import run_parity
+
+    with tempfile.TemporaryDirectory(prefix="qwen3next-parity-") as tmp:
+        path = _checkpoint_for(args.model, Path(tmp))
+        report = run_parity(path, tokens=args.tokens, batch=args.batch, generate=args.generate, atol=args.atol,
+                            progress=lambda m: print(f"[parity] {m}", flush=True))
+    print()
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    if not report.passed:
+        raise ToleranceError("parity failed: see the table above")
+    return 0
+
+
+def cmd_random_checkpoint(args) -> int:
+    import torch
+
+    from qwen3next_trt.model import random_model, resolve_config, save_model
+
+    cfg = resolve_config(args.model)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    out = save_model(random_model(cfg, seed=args.seed, dtype=dtype), args.out, max_shard_bytes=args.shard_mb * 2**20)
+    print(f"wrote {out} ({args.model}, seed {args.seed}, {args.dtype})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen3next-trt", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="config summary, parameter counts, memory, layer plan")
+    s.add_argument("--model", required=True, help="preset (tiny, qwen3-next-80b-a3b) or checkpoint directory")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("parity", help="reference vs transformers on one checkpoint (logits, cached decode, greedy)")
+    s.add_argument("--model", required=True, help="checkpoint directory (or 'tiny': a seeded random one)")
+    s.add_argument("--tokens", type=int, default=100, help="sequence length of the random tokens (default 100)")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--generate", type=int, default=24, help="greedy tokens to compare (default 24)")
+    s.add_argument("--atol", type=float, default=1e-4, help="max abs logits error allowed (default 1e-4)")
+    s.add_argument("--json", help="also write the report as JSON here")
+    s.set_defaults(fn=cmd_parity)
+
+    s = sub.add_parser("random-checkpoint", help="write a seeded random HF-format checkpoint of a config")
+    s.add_argument("--model", required=True, help="preset or checkpoint directory (its config)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    s.add_argument("--shard-mb", type=int, default=1024)
+    s.set_defaults(fn=cmd_random_checkpoint)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (InputError, ToleranceError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}" if isinstance(e, InputError) else str(e), file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

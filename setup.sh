@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Creates .venv with the project (editable) and its test extra. CPU torch by default:
+# TORCH_SPEC overrides the torch requirement (e.g. TORCH_SPEC=torch for a CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, transformers, onnxruntime as o; print(f"torch {torch.__version__}, transformers {transformers.__version__}, onnxruntime {o.__version__}")'))"

@@ -1,0 +1,1 @@
+"""validate/: numerical parity of the reference against transformers, ONNX Runtime and TensorRT."""
