@@ -79,7 +79,7 @@ class CheckpointReader:
 
     def _open(self, f: Path, tensor: str | None = None):
         if f not in self._handles:
-            needed = f" (needed for tensor '{tensor}')" if tensor else ""
+            needed = f", needed for tensor '{tensor}'" if tensor else ""
             if not f.is_file():
                 raise InputError(f"{f}: shard file not found{needed}")
             try:
@@ -133,8 +133,13 @@ class CheckpointReader:
                 f"for weight {tuple(w.shape)} with {b0}x{b1} blocks"
             )
         s = s.float()
-        if not torch.isfinite(s).all() or (s <= 0).any():
-            raise InputError(f"{f}: tensor '{name}{SCALE_SUFFIX}' holds zero, negative, inf or NaN scales")
+        bad = ~(torch.isfinite(s) & (s > 0))
+        if bad.any():
+            block = tuple(bad.nonzero()[0].tolist())
+            raise InputError(
+                f"{f}: tensor '{name}{SCALE_SUFFIX}' holds {int(bad.sum())} scale(s) that are not finite positive "
+                f"numbers; block {block} is {s[block].item()}"
+            )
         return w, s
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -156,7 +161,6 @@ def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block=(128, 
     rows, cols = w.shape
     s = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return w.float() * s
-
 
 
 def _damage(f: Path, error: Exception) -> str:

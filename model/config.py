@@ -143,9 +143,15 @@ class Qwen3NextConfig:
 
         def get_float(name: str, default: float) -> float:
             v = d.get(name, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(name, "a finite number")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise bad(name, "a positive number")
             return float(v)
+
+        def get_bool(name: str, default: bool) -> bool:
+            v = d.get(name, default)
+            if not isinstance(v, bool):
+                raise bad(name, "true or false")
+            return v
 
         ints = {name: get_int(name) for name in REQUIRED_FIELDS}
         ints["num_experts"] = get_int("num_experts", minimum=0)
@@ -181,12 +187,12 @@ class Qwen3NextConfig:
             layer_types=list(layer_types),
             mlp_only_layers=list(mlp_only),
             decoder_sparse_step=get_int("decoder_sparse_step", 1),
-            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+            norm_topk_prob=get_bool("norm_topk_prob", True),
             rms_norm_eps=get_float("rms_norm_eps", 1e-6),
             hidden_act=hidden_act,
-            attention_bias=bool(d.get("attention_bias", False)),
+            attention_bias=get_bool("attention_bias", False),
             max_position_embeddings=get_int("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=get_bool("tie_word_embeddings", False),
             rope=_read_rope(d, source, bad),
             num_mtp_layers=_read_mtp_layers(d, source),
             bos_token_id=d.get("bos_token_id"),
@@ -240,25 +246,31 @@ class Qwen3NextConfig:
 def _read_rope(d: dict[str, Any], source: str, bad) -> RopeConfig:
     # transformers >= 5 writes `rope_parameters`; older configs keep rope_theta/partial_rotary_factor
     # at top level with an optional `rope_scaling` dict. Both mean the same.
-    params = d.get("rope_parameters")
-    if params is None:
-        params = dict(d.get("rope_scaling") or {})
-    elif not isinstance(params, dict):
-        raise bad("rope_parameters", "an object")
-    else:
-        params = dict(params)
+    key = "rope_parameters" if d.get("rope_parameters") is not None else "rope_scaling"
+    params = d.get(key) or {}
     if not isinstance(params, dict):
-        raise bad("rope_scaling", "an object or null")
+        raise bad(key, "an object or null")
+    params = dict(params)
     params.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     params.setdefault("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in ROPE_TYPES:
-        raise InputError(f"{source}: field 'rope_parameters.rope_type': expected one of {ROPE_TYPES}, got {rope_type!r}")
-    known = {f.name for f in dataclasses.fields(RopeConfig)}
-    rope = RopeConfig(rope_type=rope_type, **{k: v for k, v in params.items() if k in known})
+        raise InputError(f"{source}: field '{key}.rope_type': expected one of {ROPE_TYPES}, got {rope_type!r}")
+    fields = {f.name: f for f in dataclasses.fields(RopeConfig)}
+    values = {}
+    for name, v in params.items():
+        if name not in fields or v is None:
+            continue
+        if name == "truncate":
+            if not isinstance(v, bool):
+                raise InputError(f"{source}: field '{key}.truncate': expected true or false, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise InputError(f"{source}: field '{key}.{name}': expected a positive number, got {v!r}")
+        values[name] = v
+    rope = RopeConfig(rope_type=rope_type, **values)
     if rope_type == "linear" and rope.factor is None:
-        raise InputError(f"{source}: field 'rope_parameters.factor' is required for rope_type {rope_type!r}")
+        raise InputError(f"{source}: field '{key}.factor' is required for rope_type 'linear'")
     if rope_type == "yarn":
         if rope.original_max_position_embeddings is None:
             rope.original_max_position_embeddings = d.get("original_max_position_embeddings", d.get("max_position_embeddings", 32768))

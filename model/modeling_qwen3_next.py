@@ -17,6 +17,9 @@ traced op and this reference are one definition.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +124,11 @@ class Qwen3NextRotaryEmbedding(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1)
         return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
 
+    def rotation(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Callable:
+        """x [B, H, T, D] -> x with RoPE applied at these positions (cos/sin computed once for all layers)."""
+        cos, sin = self(position_ids, dtype)
+        return partial(apply_partial_rotary, cos=cos, sin=sin)
+
 
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of x [B, H, T, D] (pairs (i, i + R/2)); pass the rest."""
@@ -172,7 +180,9 @@ class Qwen3NextAttention(nn.Module):
         self.q_norm = Qwen3NextRMSNorm(D, eps=config.rms_norm_eps)
         self.k_norm = Qwen3NextRMSNorm(D, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: AttentionCache | None = None):
+    def forward(self, x, rotate, cache: AttentionCache | None = None, kernels: "Kernels" = None):
+        """`rotate` applies RoPE at this step's positions to [B, H, T, D]; the cache, when given, grows."""
+        kernels = kernels or REFERENCE_KERNELS
         B, T, _ = x.shape
         D = self.head_dim
         query, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * D).chunk(2, dim=-1)
@@ -180,10 +190,10 @@ class Qwen3NextAttention(nn.Module):
         q = self.q_norm(query).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, D)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
-        q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        q, k = rotate(q), rotate(k)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = causal_attention(q, k, v, self.scaling)
+        out = kernels.attention(q, k, v, self.scaling)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * D)
         return self.o_proj(out * torch.sigmoid(gate))
 
@@ -192,8 +202,8 @@ class Qwen3NextAttention(nn.Module):
 # Gated DeltaNet (linear attention)
 
 
-def causal_conv1d_with_state(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None):
-    """Depthwise causal conv + SiLU over x [B, C, T] with weight [C, K], continuing from `state`.
+def causal_conv1d_with_state(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None, bias=None):
+    """Depthwise causal conv + SiLU over x [B, C, T] with weight [C, 1, K], continuing from `state`.
 
     `state` [B, C, K-1] holds the last K-1 inputs before x (zeros at sequence start). Returns
     (y [B, C, T], new state [B, C, K-1]).
@@ -203,13 +213,28 @@ def causal_conv1d_with_state(x: torch.Tensor, weight: torch.Tensor, state: torch
     if state is None:
         state = x.new_zeros(B, C, K - 1)
     window = torch.cat([state.to(x.dtype), x], dim=-1)  # [B, C, K-1+T]
-    y = F.conv1d(window, weight[:, None, :].to(x.dtype), groups=C)
+    y = F.conv1d(window, weight.to(x.dtype), bias=bias, groups=C)
     return F.silu(y), window[..., -(K - 1) :]
+
+
+def linear_attention(q, k, v, state, g, beta, num_k_heads: int, num_v_heads: int, scale: float):
+    """Gated delta rule over packed heads: q, k [B, T, Hk*Dk], v [B, T, Hv*Dv], g/beta [B, T, Hv].
+
+    q and k are L2-normalised; value head h reads key head h // (Hv / Hk). Returns the output
+    [B, T, Hv*Dv] (float32) and the state [B, Hv, Dk, Dv] (float32).
+    """
+    B, T, _ = q.shape
+    r = num_v_heads // num_k_heads
+    q = q.reshape(B, T, num_k_heads, -1).repeat_interleave(r, dim=2)
+    k = k.reshape(B, T, num_k_heads, -1).repeat_interleave(r, dim=2)
+    v = v.reshape(B, T, num_v_heads, -1)
+    out, state = gated_delta_rule(q, k, v, g, beta, initial_state=state, scale=scale)
+    return out.reshape(B, T, -1), state
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class Qwen3NextGatedDeltaNet(nn.Module):
@@ -258,26 +283,25 @@ class Qwen3NextGatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         return g, torch.sigmoid(b.float())
 
-    def forward(self, x: torch.Tensor, cache: DeltaNetCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: DeltaNetCache | None = None, kernels: "Kernels" = None) -> torch.Tensor:
+        kernels = kernels or REFERENCE_KERNELS
         B, T, _ = x.shape
         q, k, v, z, b, a = self.split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
         conv_state = cache.conv_state if cache is not None else None
-        mixed, new_conv_state = causal_conv1d_with_state(mixed.transpose(1, 2), self.conv1d.weight[:, 0], conv_state)
+        mixed, new_conv_state = kernels.causal_conv(mixed.transpose(1, 2), self.conv1d.weight, conv_state)
         q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim))
-        k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)).reshape(B, T, self.key_dim)
+        k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim)).reshape(B, T, self.key_dim)
         g, beta = self.gates(a, b)
-        # GVA: value head h reads key head h // r.
-        r = self.num_v_heads // self.num_k_heads
-        q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
         state = cache.recurrent_state if cache is not None else None
-        out, new_state = gated_delta_rule(q, k, v, g, beta, initial_state=state)
+        out, new_state = kernels.linear_attention(
+            q, k, v, state, g, beta, self.num_k_heads, self.num_v_heads, self.head_k_dim**-0.5
+        )
         if cache is not None:
             cache.conv_state = new_conv_state
             cache.recurrent_state = new_state
-        out = self.norm(out.to(x.dtype), z)
+        out = self.norm(out.to(x.dtype).reshape(B, T, self.num_v_heads, self.head_v_dim), z)
         return self.out_proj(out.reshape(B, T, self.value_dim))
 
 
@@ -293,7 +317,7 @@ class Qwen3NextMLP(nn.Module):
         self.up_proj = nn.Linear(H, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, H, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, kernels=None):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -334,16 +358,20 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         self.shared_expert = Qwen3NextMLP(config, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, selected = route_tokens(self.gate(x), self.top_k, self.norm_topk_prob)
-        routed = moe_dispatch(
+    def routed_experts(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, selected = route_tokens(router_logits, self.top_k, self.norm_topk_prob)
+        return moe_dispatch(
             x, weights, selected,
             [e.gate_proj.weight for e in self.experts],
             [e.up_proj.weight for e in self.experts],
             [e.down_proj.weight for e in self.experts],
         )
+
+    def forward(self, x: torch.Tensor, kernels: "Kernels" = None) -> torch.Tensor:
+        kernels = kernels or REFERENCE_KERNELS
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        routed = kernels.routed_experts(self, x, self.gate(x))
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).reshape(shape)
 
@@ -366,14 +394,14 @@ class Qwen3NextDecoderLayer(nn.Module):
         self.input_layernorm = Qwen3NextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3NextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, rotate, cache=None, kernels: "Kernels" = None):
         h = self.input_layernorm(x)
         if self.layer_type == LINEAR_ATTENTION:
-            h = self.linear_attn(h, cache)
+            h = self.linear_attn(h, cache, kernels)
         else:
-            h = self.self_attn(h, cos, sin, cache)
+            h = self.self_attn(h, rotate, cache, kernels)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), kernels)
 
 
 class Qwen3NextModel(nn.Module):
@@ -389,9 +417,9 @@ class Qwen3NextModel(nn.Module):
 
     def forward(self, input_ids, position_ids, cache: Qwen3NextCache | None = None):
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        rotate = self.rotary_emb.rotation(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None)
+            x = layer(x, rotate, cache.layers[i] if cache is not None else None)
         return self.norm(x)
 
 
@@ -418,9 +446,9 @@ class Qwen3NextMTP(nn.Module):
         )
         self.norm = Qwen3NextRMSNorm(H, eps=config.rms_norm_eps)
 
-    def forward(self, next_token_embeds, hidden, cos, sin, cache: AttentionCache | None = None, step: int = 0):
+    def forward(self, next_token_embeds, hidden, rotate, cache: AttentionCache | None = None, step: int = 0, kernels=None):
         x = torch.cat([self.pre_fc_norm_embedding(next_token_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1)
-        x = self.layers[step](self.fc(x), cos, sin, cache)
+        x = self.layers[step](self.fc(x), rotate, cache, kernels)
         return self.norm(x)
 
 
@@ -458,9 +486,9 @@ class Qwen3NextForCausalLM(nn.Module):
         if self.mtp is None:
             raise RuntimeError("this model has no MTP layer (num_mtp_layers = 0)")
         embeds = self.model.embed_tokens(next_ids)
-        cos, sin = self.model.rotary_emb(position_ids, embeds.dtype)
+        rotate = self.model.rotary_emb.rotation(position_ids, embeds.dtype)
         layer_cache = cache.mtp_layers[step] if cache is not None else None
-        h = self.mtp(embeds, hidden, cos, sin, layer_cache, step)
+        h = self.mtp(embeds, hidden, rotate, layer_cache, step)
         return self.lm_head(h), h
 
     @torch.no_grad()
@@ -468,9 +496,32 @@ class Qwen3NextForCausalLM(nn.Module):
         """Prefill, then decode one token at a time with the cache; returns the new tokens [B, max_new_tokens]."""
         cache = self.new_cache(input_ids.shape[0])
         logits = self(input_ids, cache)
-        tokens = []
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            logits = self(nxt, cache)
+        tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+        while len(tokens) < max_new_tokens:
+            tokens.append(self(tokens[-1], cache)[:, -1].argmax(-1, keepdim=True))
         return torch.cat(tokens, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The swappable kernels. The exporter passes versions of these that trace to single ONNX nodes and
+# whose eager code calls the functions above, so the graph and this reference stay one definition.
+
+
+@dataclass(frozen=True)
+class Kernels:
+    # (x [B, C, T], weight [C, 1, K], state [B, C, K-1] | None) -> (y, new state)
+    causal_conv: Callable
+    # (q, k [B, T, Hk*Dk], v [B, T, Hv*Dv], state | None, g, beta [B, T, Hv], Hk, Hv, scale) -> (o, state)
+    linear_attention: Callable
+    # (q [B, Hq, T, D], k, v [B, Hkv, P+T, D], scale) -> [B, Hq, T, D], causal with P past positions
+    attention: Callable
+    # (moe block, tokens [N, H], router logits [N, E]) -> routed experts' weighted sum [N, H]
+    routed_experts: Callable
+
+
+REFERENCE_KERNELS = Kernels(
+    causal_conv=causal_conv1d_with_state,
+    linear_attention=linear_attention,
+    attention=causal_attention,
+    routed_experts=Qwen3NextSparseMoeBlock.routed_experts,
+)

@@ -99,8 +99,8 @@ def test_transformers_checkpoint_loads_bit_exact(hf_checkpoint):
 #   e4m3 has 3 mantissa bits, so round-to-nearest moves a normal x (|x| >= 2**-6) by at most half an
 #   ulp, 2**-4 * |x|; a subnormal one by at most half the subnormal step 2**-9, i.e. 2**-10.
 #   The float32 division and the product q * s add relative errors of 2**-24 each.
-# So |w - q * s| <= 2**-4 * |w| + 2**-10 * s + (a few) * 2**-24 * |w|, bounded below by
-#   BOUND_REL * |w| + BOUND_SUB * s.
+# So |w - q * s| <= 2**-4 * |w| + 2**-10 * s + (a few) * 2**-24 * |w| <= BOUND_REL * |w| + BOUND_SUB * s.
+# (The subnormal term is what a rough "scale * 2**-9" over-covers by a factor of 2.)
 BOUND_REL = 2**-4 + 2**-20
 BOUND_SUB = 2**-10
 BLOCK = 128
