@@ -20,6 +20,12 @@ class AttentionCache:
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
 
+    @classmethod
+    def from_tensors(cls, key: torch.Tensor, value: torch.Tensor) -> "AttentionCache":
+        cache = cls()
+        cache.key, cache.value = key, value
+        return cache
+
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Add this step's keys/values [B, Hkv, T, D]; return all keys/values so far."""
         if self.key is None:
@@ -43,6 +49,12 @@ class DeltaNetCache:
             batch_size, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim,
             dtype=torch.float32, device=device,
         )
+
+    @classmethod
+    def from_tensors(cls, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> "DeltaNetCache":
+        cache = cls.__new__(cls)
+        cache.conv_state, cache.recurrent_state = conv_state, recurrent_state
+        return cache
 
 
 class Qwen3NextCache:

@@ -12,6 +12,7 @@ The official FP8 checkpoint stores a quantised linear weight `X.weight` as float
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -94,6 +95,17 @@ class CheckpointReader:
         if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
             raise InputError(f"{self.path / 'config.json'}: field 'quantization_config.weight_block_size': expected [rows, cols], got {block!r}")
         return tuple(block)
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json and every shard's name, size and safetensors header: identifies the
+        checkpoint's contents without reading its (possibly 160 GB of) tensor bytes."""
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        for f in sorted(set(self._file_of.values())):
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                h.update(f.name.encode() + f.stat().st_size.to_bytes(8, "little") + head)
+                h.update(fh.read(int.from_bytes(head, "little")))
+        return h.hexdigest()
 
     # -- reading ---------------------------------------------------------------------------------
     def names(self) -> list[str]:

@@ -6,6 +6,7 @@ from the checkpoint, checked for presence, shape and dtype; so a model is never 
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from pathlib import Path
 
@@ -16,7 +17,13 @@ from qwen3next_trt.errors import InputError
 
 from .checkpoint import CheckpointReader, write_checkpoint
 from .config import Qwen3NextConfig
-from .modeling_qwen3_next import Qwen3NextDecoderLayer, Qwen3NextForCausalLM, Qwen3NextRotaryEmbedding
+from .modeling_qwen3_next import (
+    Qwen3NextDecoderLayer,
+    Qwen3NextForCausalLM,
+    Qwen3NextMTP,
+    Qwen3NextRMSNorm,
+    Qwen3NextRotaryEmbedding,
+)
 from .presets import PRESETS, load_preset
 
 
@@ -157,3 +164,67 @@ def save_model(model: Qwen3NextForCausalLM, out_dir: str | Path, max_shard_bytes
     config.setdefault("num_nextn_predict_layers", model.config.num_mtp_layers)
     config["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
     return write_checkpoint(model_tensors(model), config, out_dir, max_shard_bytes)
+
+
+# ------------------------------------------------------------------------------------------------
+# One place to get modules from, whatever the weights' origin; the exporter and the validator use it
+# so that both see the same weights, part by part.
+
+
+class WeightSource:
+    """Modules of a model, materialised one part at a time: from a checkpoint directory, or for a
+    preset from seeded random weights (each tensor drawn from (seed, its name))."""
+
+    def __init__(self, model: str, seed: int = 0, dtype=torch.float32):
+        self.model, self.seed, self.dtype = model, seed, dtype
+        if model in PRESETS:
+            self.reader = None
+            self.config = load_preset(model)
+        else:
+            self.reader = CheckpointReader(model)
+            self.config = self.reader.config
+
+    def describe(self) -> dict:
+        if self.reader is None:
+            return {"kind": "random", "preset": self.model, "seed": self.seed}
+        return {"kind": "checkpoint", "path": str(Path(self.model).resolve()), "fingerprint": self.reader.fingerprint()}
+
+    def _fill(self, module: nn.Module, prefix: str) -> nn.Module:
+        if self.reader is None:
+            randomize_(module, prefix, self.seed)
+        else:
+            load_parameters(module, self.reader, prefix)
+        return module.eval()
+
+    def layer(self, layer_idx: int) -> Qwen3NextDecoderLayer:
+        """Decoder layer `layer_idx`; MTP layers continue the numbering."""
+        return self._fill(_empty_layer(self.config, layer_idx, self.dtype), layer_prefix(layer_idx, self.config))
+
+    def embedding(self) -> nn.Embedding:
+        cfg = self.config
+        return self._fill(_empty(lambda: nn.Embedding(cfg.vocab_size, cfg.hidden_size), self.dtype), "model.embed_tokens.")
+
+    def final_norm(self) -> nn.Module:
+        cfg = self.config
+        return self._fill(_empty(lambda: Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps), self.dtype), "model.norm.")
+
+    def lm_head(self) -> nn.Linear:
+        cfg = self.config
+        head = _empty(lambda: nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False), self.dtype)
+        if cfg.tie_word_embeddings:
+            with torch.no_grad():
+                head.weight.copy_(self.embedding().weight)
+            return head.eval()
+        return self._fill(head, "lm_head.")
+
+    def mtp(self) -> Qwen3NextMTP:
+        cfg = self.config
+        return self._fill(_empty(lambda: Qwen3NextMTP(cfg), self.dtype), "mtp.")
+
+    def whole_model(self, with_mtp: bool = True) -> Qwen3NextForCausalLM:
+        if self.reader is not None:
+            return load_model(self.model, self.dtype, with_mtp=with_mtp)
+        cfg = self.config
+        if not with_mtp:
+            cfg = dataclasses.replace(cfg, num_mtp_layers=0)
+        return random_model(cfg, self.seed, self.dtype)

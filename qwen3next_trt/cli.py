@@ -110,6 +110,31 @@ def cmd_random_checkpoint(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from qwen3next_trt.export.exporter import Exporter, summary_table
+
+    manifest = Exporter(args.model, args.out, dtype=args.dtype, layers=args.layers, max_positions=args.max_positions,
+                        seed=args.seed, progress=lambda m: print(m, flush=True)).run()
+    print()
+    print(summary_table(manifest))
+    print(f"wrote {args.out}/manifest.json (backend: torch.onnx dynamo exporter, device cpu)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from qwen3next_trt.validate.validator import Validator, table
+
+    report = Validator(args.onnx, backend=args.backend, model=args.model, report_dir=args.report,
+                       generate=args.generate, progress=lambda m: print(m, flush=True)).run()
+    print()
+    print(table(report))
+    out = Path(args.report) if args.report else Path(args.onnx) / "validation"
+    print(f"wrote {out / 'report.json'}, {out / 'per_layer_error.png'} and polygraphy RunResults per graph")
+    if not report.passed:
+        raise ToleranceError("validation failed: see the table above")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen3next-trt", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -127,6 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--atol", type=float, default=1e-4, help="max abs logits error allowed (default 1e-4)")
     s.add_argument("--json", help="also write the report as JSON here")
     s.set_defaults(fn=cmd_parity)
+
+    s = sub.add_parser("export", help="trace the model layer by layer into ONNX graphs + manifest.json")
+    s.add_argument("--model", required=True, help="preset (tiny, qwen3-next-80b-a3b: seeded random weights) or checkpoint directory")
+    s.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier export)")
+    s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="activation and weight dtype (DeltaNet state stays float32)")
+    s.add_argument("--layers", default="all", help="'all', or e.g. '0,3', '0-7,final', 'embed,final,mtp,model'")
+    s.add_argument("--max-positions", type=int, help="RoPE table length (default: min(max_position_embeddings, 65536))")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("validate", help="every exported graph vs the PyTorch reference (polygraphy), and end to end")
+    s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
+    s.add_argument("--backend", default="onnxrt", help="onnxrt (ONNX Runtime CPU)")
+    s.add_argument("--model", help="weights to use instead of the manifest's source (e.g. a moved checkpoint)")
+    s.add_argument("--report", help="report directory (default: ONNX_DIR/validation)")
+    s.add_argument("--generate", type=int, default=24, help="greedy tokens of the end-to-end loop (default 24)")
+    s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("random-checkpoint", help="write a seeded random HF-format checkpoint of a config")
     s.add_argument("--model", required=True, help="preset or checkpoint directory (its config)")

@@ -1,0 +1,285 @@
+"""`qwen3next-trt export`: the reference model, layer by layer, into ONNX graphs plus manifest.json.
+
+For each selected part the weights are materialised alone (a checkpoint's layer, or a preset's
+seeded random layer), traced twice (prefill: batch and sequence dynamic; decode: one token), and
+the two graphs share one weights file. manifest.json says what every graph's inputs, outputs and
+states are; later stages read it and nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxscript
+import torch
+
+import qwen3next_trt
+from qwen3next_trt.errors import InputError
+from qwen3next_trt.model.config import LINEAR_ATTENTION
+from qwen3next_trt.model.loader import WeightSource
+from qwen3next_trt.model.stats import model_stats
+
+from . import graphs as G
+from .custom_ops import CUSTOM_OPS, MS_DOMAIN, TRANSLATION_TABLE
+from .onnx_files import check_graph, describe_graph, share_weights
+
+OPSET = 23
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "qwen3next-trt/manifest"
+MANIFEST_VERSION = 1
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STITCHED_MAX_BYTES = 1 << 30  # the whole-model graph only for small models
+EXAMPLE_SIZES = {"batch": 2, "seq": 5, "past": 3}  # distinct, > 1: torch.export specialises 0 and 1
+
+STATE_LAYOUTS = {
+    "conv_state": "[batch, conv_dim, K-1]: the last K-1 inputs of the depthwise causal conv, channels [q | k | v]; zeros at sequence start",
+    "recurrent_state": "[batch, value_heads, key_head_dim, value_head_dim] float32: the gated delta rule state S (o = S^T q); zeros at sequence start",
+    "key/value": "[batch, kv_heads, past, head_dim]: keys after q/k norm and RoPE, values; empty (past = 0) at sequence start; present = past + new tokens",
+}
+
+
+@dataclass
+class Selection:
+    layers: list[int] = field(default_factory=list)
+    embed: bool = False
+    final: bool = False
+    mtp: bool = False
+    model: bool = False
+
+
+def parse_selection(spec: str | None, n_layers: int, has_mtp: bool, small: bool) -> Selection:
+    """`--layers`: 'all' (default), or a comma list of layer indices, ranges a-b, and the words
+    embed, final (norm + LM head, and lm_head alone), mtp, model (stitched whole model), layers."""
+    if spec in (None, "", "all"):
+        return Selection(list(range(n_layers)), True, True, has_mtp, small)
+    sel = Selection()
+    for token in spec.split(","):
+        token = token.strip()
+        try:
+            if token in ("embed", "final", "mtp", "model"):
+                setattr(sel, token, True)
+            elif token == "layers":
+                sel.layers += range(n_layers)
+            elif "-" in token:
+                a, b = (int(x) for x in token.split("-"))
+                sel.layers += range(a, b + 1)
+            else:
+                sel.layers.append(int(token))
+        except ValueError:
+            raise InputError(f"--layers {spec!r}: cannot read {token!r}: expected layer numbers, ranges a-b, or embed/final/mtp/model/layers") from None
+    bad = [i for i in sel.layers if not 0 <= i < n_layers]
+    if bad:
+        raise InputError(f"--layers {spec!r}: layer {bad[0]} out of range 0..{n_layers - 1}")
+    if sel.mtp and not has_mtp:
+        raise InputError(f"--layers {spec!r}: this model has no MTP layer")
+    if sel.model and not small:
+        raise InputError(f"--layers {spec!r}: the stitched whole-model graph is only for small models (< {STITCHED_MAX_BYTES >> 20} MiB of weights)")
+    sel.layers = sorted(set(sel.layers))
+    return sel
+
+
+def _examples(ports: list[G.Port], mode: str):
+    """Example tensors and torch.export dynamic shapes for the input ports."""
+    sizes = dict(EXAMPLE_SIZES, seq=EXAMPLE_SIZES["seq"] if mode == "prefill" else 1)
+    dims = {"batch": torch.export.Dim("batch", min=1), "past": torch.export.Dim("past", min=0)}
+    if mode == "prefill":
+        dims["seq"] = torch.export.Dim("seq", min=1)
+    g = torch.Generator().manual_seed(0)
+    args, dynamic = [], []
+    for p in ports:
+        shape = [sizes[d] if isinstance(d, str) else d for d in p.shape]
+        if p.dtype == torch.int64:
+            t = torch.randint(0, 8, shape, generator=g) if p.role != G.POSITION else torch.arange(shape[1]).expand(*shape).contiguous()
+        else:
+            t = torch.randn(shape, generator=g).to(p.dtype)
+        args.append(t)
+        dynamic.append({i: dims[d] for i, d in enumerate(p.shape) if isinstance(d, str) and d in dims} or None)
+    return tuple(args), tuple(dynamic)
+
+
+# The exporter warns once per run about torchvision ops it cannot register; nothing here uses them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _trace(module: torch.nn.Module, mode: str, path: Path):
+    args, dynamic = _examples(module.inputs, mode)
+    fixed = getattr(module, "fixed_args", len(args))  # forward(a, b, *rest): torch.export wants (a, b, (rest...))
+    if fixed < len(args):
+        dynamic = (*dynamic[:fixed], tuple(dynamic[fixed:]))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=OPSET, custom_translation_table=TRANSLATION_TABLE,
+            input_names=[p.name for p in module.inputs], output_names=[p.name for p in module.outputs],
+            dynamic_shapes=dynamic, verbose=False,
+        )
+    program.save(str(path), external_data=True)
+
+
+def _expected_custom_ops(kind: str, layer_type: str | None, moe: bool) -> dict[str, int]:
+    ops = {}
+    if layer_type == LINEAR_ATTENTION:
+        ops.update({"com.microsoft::LinearAttention": 1, "com.microsoft::CausalConvWithState": 1})
+    elif layer_type is not None:
+        ops.update({"Attention": 1, "RotaryEmbedding": 2})
+    if moe:
+        ops["com.microsoft::MoE"] = 1
+    return ops
+
+
+def _ports_record(ports: list[G.Port], actual: list[dict]) -> list[dict]:
+    by_name = {a["name"]: a for a in actual}
+    out = []
+    for p in ports:
+        a = by_name.get(p.name)
+        if a is None:
+            raise RuntimeError(f"exported graph lacks port {p.name!r} (has {sorted(by_name)})")
+        rec = {"name": p.name, "dtype": a["dtype"], "shape": a["shape"], "role": p.role}
+        if p.state:
+            rec["state"] = p.state
+        out.append(rec)
+    return out
+
+
+class Exporter:
+    def __init__(self, model: str, out_dir: str | Path, dtype: str = "fp32", layers: str | None = None,
+                 max_positions: int | None = None, seed: int = 0, progress=print):
+        if dtype not in DTYPES:
+            raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        self.dtype_name, self.dtype = dtype, DTYPES[dtype]
+        self.source = WeightSource(model, seed=seed, dtype=self.dtype)
+        self.config = cfg = self.source.config
+        self.out_dir = Path(out_dir)
+        small = model_stats(cfg).bf16_bytes < STITCHED_MAX_BYTES
+        self.selection = parse_selection(layers, cfg.num_hidden_layers, cfg.num_mtp_layers > 0, small)
+        limit = cfg.max_position_embeddings
+        self.max_positions = min(limit, 65536) if max_positions is None else max_positions
+        if not 1 <= self.max_positions <= limit:
+            raise InputError(f"--max-positions {max_positions}: expected 1..{limit} (max_position_embeddings)")
+        self.progress = progress
+        self.records: list[dict] = []
+        self.weights: dict[str, dict] = {}
+
+    # -- one group of graphs (prefill + decode of one part), sharing one weights file -------------
+    def _export_group(self, work: Path, group: str, module, kind: str, modes, layer=None, layer_type=None, moe=False):
+        t0 = time.time()
+        paths = []
+        for mode in modes:
+            name = f"{group}.{mode}" if mode != "any" else group
+            path = work / f"{name}.onnx"
+            _trace(module, "prefill" if mode in ("prefill", "any") else "decode", path)
+            paths.append((name, mode, path))
+        weights = share_weights([p for _, _, p in paths], f"{group}.weights")
+        self.weights[weights["file"]] = weights
+        expected = _expected_custom_ops(kind, layer_type, moe)
+        for name, mode, path in paths:
+            check_graph(path)
+            info = describe_graph(path)
+            found = {op: info["ops"].get(op, 0) for op in expected}
+            if found != expected:
+                raise RuntimeError(f"{name}: expected exactly {expected} in the traced graph, found {found}")
+            self.records.append({
+                "name": name, "file": path.name, "weights": f"{group}.weights", "kind": kind, "mode": mode,
+                "layer": layer, "layer_type": layer_type, "moe": moe,
+                "inputs": _ports_record(module.inputs, info["inputs"]),
+                "outputs": _ports_record(module.outputs, info["outputs"]),
+                "nodes": info["nodes"], "ops": info["ops"], "opsets": info["opsets"],
+                "bytes": path.stat().st_size,
+            })
+        dt = time.time() - t0
+        self.progress(f"[export] {group:<12} {kind:<16} {'/'.join(m for m in modes):<14} "
+                      f"{self.records[-1]['nodes']:>4} nodes  {weights['bytes'] / 2**20:9.1f} MiB  {dt:6.1f} s")
+
+    def _parts(self):
+        """(group, build module, kind, modes, layer, layer_type, moe) in export order; modules built lazily."""
+        cfg, src, sel = self.config, self.source, self.selection
+        rope = lambda: G.RopeCache(cfg, self.max_positions, self.dtype)  # noqa: E731
+        if sel.embed:
+            yield "embed", lambda: G.EmbedGraph(src.embedding(), self.dtype), "embed", ("any",), None, None, False
+        for i in sel.layers:
+            t = cfg.layer_types[i]
+            yield (f"layer_{i:02d}", lambda i=i, t=t: G.LayerGraph(src.layer(i), cfg, None if t == LINEAR_ATTENTION else rope(), self.dtype),
+                   t, ("prefill", "decode"), i, t, cfg.is_moe_layer(i))
+        if sel.final:
+            yield "final", lambda: G.FinalGraph(src.final_norm(), src.lm_head(), self.dtype), "final", ("any",), None, None, False
+            yield "lm_head", lambda: G.LMHeadGraph(src.lm_head(), self.dtype), "lm_head", ("any",), None, None, False
+        if sel.mtp:
+            yield ("mtp", lambda: G.MTPGraph(src.mtp(), cfg, rope(), self.dtype), "mtp", ("prefill", "decode"),
+                   cfg.num_hidden_layers, "full_attention", cfg.num_experts > 0)
+        if sel.model:
+            def whole():
+                model = src.whole_model(with_mtp=False)
+                return G.ModelGraph(model, rope(), self.dtype)
+            yield "model", whole, "model", ("prefill", "decode"), None, None, False
+
+    def run(self) -> dict:
+        parent = self.out_dir.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not (self.out_dir / MANIFEST).exists():
+            raise InputError(f"{self.out_dir}: exists and is not an export directory (no {MANIFEST}); refusing to replace it")
+        work = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
+        t0 = time.time()
+        try:
+            parts = list(self._parts())
+            self.progress(f"[export] {len(parts)} parts of {self.source.describe()} -> {self.out_dir} "
+                          f"({self.dtype_name}, opset {OPSET} + {MS_DOMAIN} 1, max positions {self.max_positions})")
+            for group, build, kind, modes, layer, layer_type, moe in parts:
+                module = build()
+                self._export_group(work, group, module, kind, modes, layer, layer_type, moe)
+                del module
+            manifest = self._manifest(time.time() - t0)
+            (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if self.out_dir.exists():
+                shutil.rmtree(self.out_dir)
+            os.replace(work, self.out_dir)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        return manifest
+
+    def _manifest(self, seconds: float) -> dict:
+        cfg = self.config.to_hf_dict()
+        cfg["num_nextn_predict_layers"] = self.config.num_mtp_layers
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "exporter": {"package": "qwen3next-trt", "version": qwen3next_trt.__version__, "torch": torch.__version__,
+                         "onnx": onnx.__version__, "onnxscript": onnxscript.__version__},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(seconds, 1),
+            "source": self.source.describe(),
+            "config": cfg,
+            "dtype": self.dtype_name,
+            "opsets": {"ai.onnx": OPSET, MS_DOMAIN: 1},
+            "custom_ops": {op: {"domain": MS_DOMAIN, "version": v} for op, v in CUSTOM_OPS.items()},
+            "max_positions": self.max_positions,
+            "state_layouts": STATE_LAYOUTS,
+            "weights": self.weights,
+            "graphs": self.records,
+        }
+
+
+def summary_table(manifest: dict) -> str:
+    rows = [("graph", "mode", "nodes", "custom ops", "Attention/Rotary", "weights MiB")]
+    for g in manifest["graphs"]:
+        ops = g["ops"]
+        custom = sum(c for o, c in ops.items() if o.startswith(MS_DOMAIN))
+        native = f"{ops.get('Attention', 0)}/{ops.get('RotaryEmbedding', 0)}"
+        rows.append((g["name"], g["mode"], str(g["nodes"]), str(custom), native,
+                     f"{manifest['weights'][g['weights']]['bytes'] / 2**20:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    total = sum(w["bytes"] for w in manifest["weights"].values())
+    lines.append(f"{len(manifest['graphs'])} graphs, {len(manifest['weights'])} weight files, {total / 2**20:.1f} MiB, {manifest['seconds']} s")
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""The traced modules: one per graph kind, each wrapping reference modules with explicit state I/O.
+
+Every wrapper runs the reference module's own forward with the export kernels (custom ops, one
+ONNX Attention, ONNX RotaryEmbedding); it only turns caches into graph inputs and outputs.
+
+Graph I/O (names as in the ONNX files and the manifest; B batch, T new tokens, P past tokens):
+  embed          input_ids [B,T] int64                         -> hidden [B,T,H]
+  linear layer   hidden [B,T,H], conv_state [B,C,K-1],
+                 recurrent_state [B,Hv,Dk,Dv] float32          -> hidden_out, conv_state_out, recurrent_state_out
+  full layer     hidden [B,T,H], position_ids [B,T] int64,
+                 past_key, past_value [B,Hkv,P,D]              -> hidden_out, present_key, present_value [B,Hkv,P+T,D]
+  final          hidden [B,T,H]                                -> logits [B,T,V], hidden_normed [B,T,H]
+  lm_head        hidden [B,T,H]                                -> logits [B,T,V]
+  mtp            next_embeds [B,T,H] (embed of token t+1), hidden [B,T,H] (hidden_normed at t),
+                 position_ids [B,T], past_key, past_value      -> mtp_hidden [B,T,H], present_key, present_value
+  model          input_ids, position_ids, then every layer's state -> logits, hidden_normed, every state out
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qwen3next_trt.model import AttentionCache, DeltaNetCache, Qwen3NextConfig
+from qwen3next_trt.model.config import LINEAR_ATTENTION
+from qwen3next_trt.model.modeling_qwen3_next import (
+    Qwen3NextDecoderLayer,
+    Qwen3NextSparseMoeBlock,
+    rope_inverse_frequencies,
+)
+
+from .custom_ops import export_kernels, stack_experts
+
+ACTIVATION, STATE_IN, STATE_OUT, POSITION, TOKENS = "activation", "state-in", "state-out", "position", "tokens"
+
+
+@dataclass
+class Port:
+    """One graph input or output: name, role, symbolic shape, and which state it carries."""
+
+    name: str
+    role: str
+    shape: list  # ints and dim names ("batch", "seq", "past")
+    dtype: torch.dtype
+    state: str | None = None  # e.g. "layer_03.key"; state-in and state-out ports of one state share it
+
+
+class RopeCache(nn.Module):
+    """cos/sin tables [max_positions, rotary_dim/2] for ONNX RotaryEmbedding (YaRN scale folded in)."""
+
+    def __init__(self, config: Qwen3NextConfig, max_positions: int, dtype):
+        super().__init__()
+        inv_freq, scale = rope_inverse_frequencies(config)
+        angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None]
+        self.register_buffer("cos_cache", (angles.cos() * scale).to(dtype))
+        self.register_buffer("sin_cache", (angles.sin() * scale).to(dtype))
+        self.rotary_dim = config.rotary_dim
+
+    def rotation(self, position_ids):
+        def rotate(x):
+            return torch.onnx.ops.rotary_embedding(x, self.cos_cache, self.sin_cache, position_ids,
+                                                   rotary_embedding_dim=self.rotary_dim)
+        return rotate
+
+
+class _WithExperts(nn.Module):
+    """Holds the stacked expert tensors of the MoE blocks it wraps as buffers (-> initializers)."""
+
+    def __init__(self):
+        super().__init__()
+        self._expert_slots: dict[int, str] = {}
+        self.kernels = export_kernels(self._moe_weights)
+
+    def _add_experts(self, block: nn.Module, slot: str):
+        if not isinstance(block, Qwen3NextSparseMoeBlock):
+            return
+        fc1, fc2 = stack_experts(block)
+        self.register_buffer(f"{slot}_fc1", fc1)
+        self.register_buffer(f"{slot}_fc1_bias", fc1.new_zeros(fc1.shape[:2]))
+        self.register_buffer(f"{slot}_fc2", fc2)
+        self.register_buffer(f"{slot}_fc2_bias", fc2.new_zeros(fc2.shape[:2]))
+        self._expert_slots[id(block)] = slot
+        # The per-expert modules are not used by the traced graph: drop them so they are not
+        # lifted as (unused) inputs, and the 80B layer's expert weights are not held twice.
+        block.experts = nn.ModuleList()
+
+    def _moe_weights(self, block):
+        slot = self._expert_slots[id(block)]
+        return tuple(getattr(self, f"{slot}_{n}") for n in ("fc1", "fc1_bias", "fc2", "fc2_bias"))
+
+
+def _state_ports(config: Qwen3NextConfig, layer_type: str, tag: str, dtype, batch="batch", past="past"):
+    """(state-in ports, state-out ports) of one layer."""
+    if layer_type == LINEAR_ATTENTION:
+        conv = [batch, config.linear_conv_dim, config.linear_conv_kernel_dim - 1]
+        rec = [batch, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim]
+        ins = [Port(f"{tag}conv_state", STATE_IN, conv, dtype, f"{tag}conv_state"),
+               Port(f"{tag}recurrent_state", STATE_IN, rec, torch.float32, f"{tag}recurrent_state")]
+        outs = [Port(f"{tag}conv_state_out", STATE_OUT, conv, dtype, f"{tag}conv_state"),
+                Port(f"{tag}recurrent_state_out", STATE_OUT, rec, torch.float32, f"{tag}recurrent_state")]
+        return ins, outs
+    kv_in = [batch, config.num_key_value_heads, past, config.head_dim]
+    kv_out = [batch, config.num_key_value_heads, f"{past}+seq", config.head_dim]
+    ins = [Port(f"{tag}past_key", STATE_IN, kv_in, dtype, f"{tag}key"), Port(f"{tag}past_value", STATE_IN, kv_in, dtype, f"{tag}value")]
+    outs = [Port(f"{tag}present_key", STATE_OUT, kv_out, dtype, f"{tag}key"), Port(f"{tag}present_value", STATE_OUT, kv_out, dtype, f"{tag}value")]
+    return ins, outs
+
+
+class LayerGraph(_WithExperts):
+    """A decoder layer (or the MTP layer's decoder block) with its state as inputs and outputs."""
+
+    def __init__(self, layer: Qwen3NextDecoderLayer, config: Qwen3NextConfig, rope: RopeCache | None, dtype):
+        super().__init__()
+        self.layer = layer
+        self.rope = rope
+        self.linear = layer.layer_type == LINEAR_ATTENTION
+        self.fixed_args = 1
+        self._add_experts(layer.mlp, "experts")
+        H = config.hidden_size
+        state_in, state_out = _state_ports(config, layer.layer_type, "", dtype)
+        position = [] if self.linear else [Port("position_ids", POSITION, ["batch", "seq"], torch.int64)]
+        self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", H], dtype), *position, *state_in]
+        self.outputs = [Port("hidden_out", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
+
+    def forward(self, hidden, *args):
+        if self.linear:
+            cache = DeltaNetCache.from_tensors(*args)
+            out = self.layer(hidden, None, cache, self.kernels)
+            return out, cache.conv_state, cache.recurrent_state
+        position_ids, past_key, past_value = args
+        cache = AttentionCache.from_tensors(past_key, past_value)
+        out = self.layer(hidden, self.rope.rotation(position_ids), cache, self.kernels)
+        return out, cache.key, cache.value
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, embedding: nn.Embedding, dtype):
+        super().__init__()
+        self.embed_tokens = embedding
+        self.inputs = [Port("input_ids", TOKENS, ["batch", "seq"], torch.int64)]
+        self.outputs = [Port("hidden", ACTIVATION, ["batch", "seq", embedding.embedding_dim], dtype)]
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+class FinalGraph(nn.Module):
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear, dtype):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+        H, V = lm_head.in_features, lm_head.out_features
+        self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", H], dtype)]
+        self.outputs = [Port("logits", ACTIVATION, ["batch", "seq", V], dtype),
+                        Port("hidden_normed", ACTIVATION, ["batch", "seq", H], dtype)]
+
+    def forward(self, hidden):
+        normed = self.norm(hidden)
+        return self.lm_head(normed), normed
+
+
+class LMHeadGraph(nn.Module):
+    def __init__(self, lm_head: nn.Linear, dtype):
+        super().__init__()
+        self.lm_head = lm_head
+        self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", lm_head.in_features], dtype)]
+        self.outputs = [Port("logits", ACTIVATION, ["batch", "seq", lm_head.out_features], dtype)]
+
+    def forward(self, hidden):
+        return self.lm_head(hidden)
+
+
+class MTPGraph(_WithExperts):
+    def __init__(self, mtp: nn.Module, config: Qwen3NextConfig, rope: RopeCache, dtype):
+        super().__init__()
+        self.mtp, self.rope = mtp, rope
+        self._add_experts(mtp.layers[0].mlp, "experts")
+        H = config.hidden_size
+        state_in, state_out = _state_ports(config, "full_attention", "", dtype)
+        self.inputs = [Port("next_embeds", ACTIVATION, ["batch", "seq", H], dtype),
+                       Port("hidden", ACTIVATION, ["batch", "seq", H], dtype),
+                       Port("position_ids", POSITION, ["batch", "seq"], torch.int64), *state_in]
+        self.outputs = [Port("mtp_hidden", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
+
+    def forward(self, next_embeds, hidden, position_ids, past_key, past_value):
+        cache = AttentionCache.from_tensors(past_key, past_value)
+        out = self.mtp(next_embeds, hidden, self.rope.rotation(position_ids), cache, 0, self.kernels)
+        return out, cache.key, cache.value
+
+
+class ModelGraph(_WithExperts):
+    """The whole main model in one graph (small models): every layer's state in and out."""
+
+    def __init__(self, model: nn.Module, rope: RopeCache, dtype):
+        super().__init__()
+        self.model, self.rope = model, rope
+        self.fixed_args = 2
+        cfg = model.config
+        for i, layer in enumerate(model.model.layers):
+            self._add_experts(layer.mlp, f"layer_{i:02d}_experts")
+        self.layer_types = list(cfg.layer_types)
+        self.inputs = [Port("input_ids", TOKENS, ["batch", "seq"], torch.int64),
+                       Port("position_ids", POSITION, ["batch", "seq"], torch.int64)]
+        self.outputs = [Port("logits", ACTIVATION, ["batch", "seq", cfg.vocab_size], dtype),
+                        Port("hidden_normed", ACTIVATION, ["batch", "seq", cfg.hidden_size], dtype)]
+        for i, t in enumerate(cfg.layer_types):
+            ins, outs = _state_ports(cfg, t, f"layer_{i:02d}.", dtype)
+            self.inputs += ins
+            self.outputs += outs
+
+    def forward(self, input_ids, position_ids, *states):
+        m = self.model.model
+        x = m.embed_tokens(input_ids)
+        rotate = self.rope.rotation(position_ids)
+        outs = []
+        for i, layer in enumerate(m.layers):
+            a, b = states[2 * i], states[2 * i + 1]
+            cache = DeltaNetCache.from_tensors(a, b) if layer.layer_type == LINEAR_ATTENTION else AttentionCache.from_tensors(a, b)
+            x = layer(x, rotate, cache, self.kernels)
+            outs += [cache.conv_state, cache.recurrent_state] if layer.layer_type == LINEAR_ATTENTION else [cache.key, cache.value]
+        normed = m.norm(x)
+        return (self.model.lm_head(normed), normed, *outs)

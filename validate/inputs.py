@@ -1,0 +1,55 @@
+"""Seeded inputs for every exported graph, built from the manifest's port descriptions.
+
+Each prefill graph gets a fresh-sequence feed (zero states, no past) and a continuation feed
+(random states, `past` earlier tokens); decode graphs get a continuation feed. Prefill feeds are
+longer than one 64-token scan chunk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+STATE_SCALE = {"conv_state": 1.0, "recurrent_state": 0.5, "key": 1.0, "value": 1.0}
+
+
+def _size(dim, sizes):
+    if isinstance(dim, int):
+        return dim
+    if "+" in dim:  # "past+seq" only appears on outputs
+        raise ValueError(dim)
+    return sizes[dim]
+
+
+def make_feed(record: dict, config: dict, rng: np.random.Generator, batch: int, seq: int, past: int) -> dict:
+    seq = 1 if record["mode"] == "decode" else seq
+    sizes = {"batch": batch, "seq": seq, "past": past}
+    feed = {}
+    for p in record["inputs"]:
+        shape = [_size(d, sizes) for d in p["shape"]]
+        dtype = NUMPY_DTYPES.get(p["dtype"], np.float32)
+        if p["role"] == "tokens":
+            feed[p["name"]] = rng.integers(0, config["vocab_size"], shape, dtype=np.int64)
+        elif p["role"] == "position":
+            feed[p["name"]] = np.broadcast_to(np.arange(past, past + shape[1], dtype=np.int64), shape).copy()
+        elif p["role"] == "state-in":
+            kind = p["state"].rsplit(".", 1)[-1]
+            if past == 0:
+                feed[p["name"]] = np.zeros(shape, dtype)
+            else:
+                feed[p["name"]] = (STATE_SCALE.get(kind, 1.0) * rng.standard_normal(shape)).astype(dtype)
+        else:
+            feed[p["name"]] = rng.standard_normal(shape).astype(dtype)
+    return feed
+
+
+def feeds_for(record: dict, config: dict, seed: int = 0, batch: int = 2, seq: int = 70, past: int = 9):
+    """[(label, feed)] for one graph."""
+    rng = np.random.default_rng(seed)
+    has_state = any(p["role"] == "state-in" for p in record["inputs"])
+    if record["mode"] == "decode":
+        return [(f"decode past={past}", make_feed(record, config, rng, batch, 1, past))]
+    feeds = [(f"fresh T={seq}", make_feed(record, config, rng, batch, seq, 0))]
+    if has_state:
+        feeds.append((f"continue T={seq // 2} past={past}", make_feed(record, config, rng, batch, seq // 2, past)))
+    return feeds

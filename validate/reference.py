@@ -1,0 +1,127 @@
+"""The PyTorch reference for any exported graph, as a polygraphy runner.
+
+For a graph of the manifest it rebuilds the same part of the model from the manifest's weight source
+and runs the reference code path (reference kernels: chunked/recurrent scan, explicit softmax
+attention, HF-style rotary), never the export kernels. Computation is float32; for a 16-bit export
+the weights are the 16-bit ones (rounded exactly as the export rounded them), upcast.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.datatype import DataType
+
+from qwen3next_trt.model import AttentionCache, DeltaNetCache, Qwen3NextCache
+from qwen3next_trt.model.config import LINEAR_ATTENTION
+from qwen3next_trt.model.loader import WeightSource
+from qwen3next_trt.model.modeling_qwen3_next import Qwen3NextRotaryEmbedding
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_source(manifest: dict, model: str | None = None) -> WeightSource:
+    """The weights the export used: `model` overrides the manifest's source (e.g. a moved checkpoint)."""
+    src = manifest["source"]
+    if model is None:
+        model = src["preset"] if src["kind"] == "random" else src["path"]
+    return WeightSource(model, seed=src.get("seed", 0), dtype=TORCH_DTYPES[manifest["dtype"]])
+
+
+class ReferencePart:
+    """Callable: feed dict (numpy) -> outputs dict (numpy, float32 for floats), for one graph group."""
+
+    def __init__(self, record: dict, source: WeightSource):
+        self.record, self.config = record, source.config
+        kind = record["kind"]
+        f32 = torch.float32
+        if kind == "embed":
+            self.module = source.embedding()
+        elif kind in (LINEAR_ATTENTION, "full_attention"):
+            self.module = source.layer(record["layer"])
+        elif kind == "final":
+            self.module = (source.final_norm(), source.lm_head())
+        elif kind == "lm_head":
+            self.module = source.lm_head()
+        elif kind == "mtp":
+            self.module = source.mtp()
+        elif kind == "model":
+            self.module = source.whole_model(with_mtp=False)
+        else:
+            raise ValueError(f"unknown graph kind {kind!r}")
+        mods = self.module if isinstance(self.module, tuple) else (self.module,)
+        for m in mods:
+            m.to(f32)
+        self.rope = Qwen3NextRotaryEmbedding(self.config)
+
+    @torch.no_grad()
+    def __call__(self, feed: dict) -> OrderedDict:
+        t = {k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}
+        t = {k: v.float() if v.is_floating_point() else v for k, v in t.items()}
+        kind, m = self.record["kind"], self.module
+        if kind == "embed":
+            outs = [m(t["input_ids"])]
+        elif kind == LINEAR_ATTENTION:
+            cache = DeltaNetCache.from_tensors(t["conv_state"], t["recurrent_state"])
+            outs = [m(t["hidden"], None, cache), cache.conv_state, cache.recurrent_state]
+        elif kind == "full_attention":
+            cache = AttentionCache.from_tensors(t["past_key"], t["past_value"])
+            rotate = self.rope.rotation(t["position_ids"], torch.float32)
+            outs = [m(t["hidden"], rotate, cache), cache.key, cache.value]
+        elif kind == "final":
+            norm, head = m
+            normed = norm(t["hidden"])
+            outs = [head(normed), normed]
+        elif kind == "lm_head":
+            outs = [m(t["hidden"])]
+        elif kind == "mtp":
+            cache = AttentionCache.from_tensors(t["past_key"], t["past_value"])
+            rotate = self.rope.rotation(t["position_ids"], torch.float32)
+            outs = [m(t["next_embeds"], t["hidden"], rotate, cache), cache.key, cache.value]
+        else:  # the stitched model
+            cache = Qwen3NextCache(self.config, t["input_ids"].shape[0])
+            for i, (layer_type, layer_cache) in enumerate(zip(self.config.layer_types, cache.layers)):
+                tag = f"layer_{i:02d}."
+                if layer_type == LINEAR_ATTENTION:
+                    layer_cache.conv_state, layer_cache.recurrent_state = t[tag + "conv_state"], t[tag + "recurrent_state"]
+                else:
+                    layer_cache.key, layer_cache.value = t[tag + "past_key"], t[tag + "past_value"]
+            logits, normed = m(t["input_ids"], cache, position_ids=t["position_ids"], return_hidden=True)
+            outs = [logits, normed]
+            for layer_cache in cache.layers:
+                outs += ([layer_cache.conv_state, layer_cache.recurrent_state] if isinstance(layer_cache, DeltaNetCache)
+                         else [layer_cache.key, layer_cache.value])
+        names = [o["name"] for o in self.record["outputs"]]
+        return OrderedDict((n, np.ascontiguousarray(o.float().numpy())) for n, o in zip(names, outs))
+
+
+class ReferenceRunner(BaseRunner):
+    """polygraphy runner over a ReferencePart, so its results are RunResults like any backend's."""
+
+    def __init__(self, part: ReferencePart, name: str):
+        super().__init__(name=name, prefix="pytorch-reference")
+        self.part = part
+
+    def activate_impl(self):
+        pass
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for p in self.part.record["inputs"]:
+            dtype = np.int64 if p["dtype"] == "int64" else np.float32
+            meta.add(p["name"], dtype=DataType.from_dtype(np.dtype(dtype)), shape=[d if isinstance(d, int) else None for d in p["shape"]])
+        return meta
+
+    def infer_impl(self, feed_dict):
+        start = time.time()
+        out = self.part(feed_dict)
+        self.inference_time = time.time() - start  # polygraphy sums these
+        return out
+
+    def deactivate_impl(self):
+        pass
