@@ -43,9 +43,8 @@ class Qwen3NextRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        # F.rms_norm: x * rsqrt(mean(x^2) + eps) * w; it exports as one ONNX RMSNormalization.
+        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).to(x.dtype)
 
 
 class Qwen3NextRMSNormGated(nn.Module):
@@ -58,8 +57,7 @@ class Qwen3NextRMSNormGated(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
         # The weight multiplies in the activation dtype, the gate in float32 (as the checkpoint was trained).
         y = self.weight * xf.to(dtype)
         return (y * F.silu(gate.float())).to(dtype)

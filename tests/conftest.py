@@ -12,3 +12,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared by tests/test_export.py and tests/test_validate.py: one full fp32 export of the 'tiny'
+# preset (every layer, embed, final, lm_head, mtp and the stitched `model` graph), made once per
+# test session (~100 s on two cores). Tests that damage an export work on a copy.
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    from qwen3next_trt.export.exporter import Exporter
+
+    out = tmp_path_factory.mktemp("tiny_export") / "onnx"
+    Exporter("tiny", out, progress=lambda m: None).run()
+    return out
