@@ -153,7 +153,7 @@ def _ports_record(ports: list[G.Port], actual: list[dict]) -> list[dict]:
 
 class Exporter:
     def __init__(self, model: str, out_dir: str | Path, dtype: str = "fp32", layers: str | None = None,
-                 max_positions: int | None = None, seed: int = 0, progress=print):
+                 max_positions: int | None = None, seed: int = 0, force: bool = False, progress=print):
         if dtype not in DTYPES:
             raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
@@ -166,7 +166,7 @@ class Exporter:
         self.max_positions = min(limit, 65536) if max_positions is None else max_positions
         if not 1 <= self.max_positions <= limit:
             raise InputError(f"--max-positions {max_positions}: expected 1..{limit} (max_position_embeddings)")
-        self.progress = progress
+        self.progress, self.force = progress, force
         self.records: list[dict] = []
         self.weights: dict[str, dict] = {}
 
@@ -225,8 +225,10 @@ class Exporter:
     def run(self) -> dict:
         parent = self.out_dir.resolve().parent
         parent.mkdir(parents=True, exist_ok=True)
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not (self.out_dir / MANIFEST).exists():
-            raise InputError(f"{self.out_dir}: exists and is not an export directory (no {MANIFEST}); refusing to replace it")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise InputError(f"{self.out_dir}: exists and is not a directory")
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not (self.out_dir / MANIFEST).exists() and not self.force:
+            raise InputError(f"{self.out_dir}: exists and is not an export directory (no {MANIFEST}); refusing to replace it without --force")
         work = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
         t0 = time.time()
         try:

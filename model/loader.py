@@ -7,6 +7,7 @@ from the checkpoint, checked for presence, shape and dtype; so a model is never 
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def random_tensor(name: str, shape, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
     leaf = name.rsplit(".", 2)
     if name.endswith("A_log"):
-        return torch.empty(shape).uniform_(1.0, 16.0, generator=g).log()
+        # Decay rates spread log-uniformly from long memory (A = 0.01: a state survives hundreds of
+        # tokens) to short (A = 16), so state precision matters as it does in trained models.
+        return torch.empty(shape).uniform_(math.log(0.01), math.log(16.0), generator=g)
     if name.endswith("dt_bias"):
         return 1.0 + 0.5 * torch.randn(shape, generator=g)
     if name.endswith("linear_attn.norm.weight"):  # gated norm: plain weight around 1

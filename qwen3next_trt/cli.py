@@ -114,7 +114,7 @@ def cmd_export(args) -> int:
     from qwen3next_trt.export.exporter import Exporter, summary_table
 
     manifest = Exporter(args.model, args.out, dtype=args.dtype, layers=args.layers, max_positions=args.max_positions,
-                        seed=args.seed, progress=lambda m: print(m, flush=True)).run()
+                        seed=args.seed, force=args.force, progress=lambda m: print(m, flush=True)).run()
     print()
     print(summary_table(manifest))
     print(f"wrote {args.out}/manifest.json (backend: torch.onnx dynamo exporter, device cpu)")
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layers", default="all", help="'all', or e.g. '0,3', '0-7,final', 'embed,final,mtp,model'")
     s.add_argument("--max-positions", type=int, help="RoPE table length (default: min(max_position_embeddings, 65536))")
     s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
+    s.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("validate", help="every exported graph vs the PyTorch reference (polygraphy), and end to end")
