@@ -33,10 +33,16 @@ import tempfile
 import time
 import traceback
 
+# experts=None keeps transformers' default experts implementation (config._experts_implementation,
+# "grouped_mm" in transformers 5); "eager" sets experts_implementation="eager" (a Python loop over
+# the experts), the switch a user would try next when the default does not export.
 ATTEMPTS = {
-    "dynamo_dynamic": dict(dynamo=True, opset=23, dynamic=True),
-    "torchscript": dict(dynamo=False, opset=18, dynamic=True),
-    "dynamo_static": dict(dynamo=True, opset=23, dynamic=False),
+    "dynamo_dynamic": dict(dynamo=True, opset=23, dynamic=True, experts=None),
+    "torchscript": dict(dynamo=False, opset=18, dynamic=True, experts=None),
+    "dynamo_static": dict(dynamo=True, opset=23, dynamic=False, experts=None),
+    "dynamo_dynamic+eager_experts": dict(dynamo=True, opset=23, dynamic=True, experts="eager"),
+    "torchscript+eager_experts": dict(dynamo=False, opset=18, dynamic=True, experts="eager"),
+    "dynamo_static+eager_experts": dict(dynamo=True, opset=23, dynamic=False, experts="eager"),
 }
 
 CONFIG = dict(
@@ -70,11 +76,12 @@ NOTEWORTHY = re.compile(
 # worker (one attempt, in a subprocess)
 # --------------------------------------------------------------------------------------------
 
-def build_model(seed: int):
+def build_model(seed: int, experts: str | None = None):
     import torch
     import transformers
 
-    cfg = transformers.Qwen3NextConfig(**CONFIG, attn_implementation="eager", use_cache=False)
+    extra = {} if experts is None else {"experts_implementation": experts}
+    cfg = transformers.Qwen3NextConfig(**CONFIG, attn_implementation="eager", use_cache=False, **extra)
     torch.manual_seed(seed)
     model = transformers.Qwen3NextForCausalLM(cfg).to(torch.float32).eval()
     model.config.use_cache = False
@@ -88,8 +95,11 @@ def make_ids(seq: int, seed: int, vocab: int):
     return torch.randint(0, vocab, (1, seq), generator=g, dtype=torch.int64)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_lines(text: str, n: int = 3, width: int = 400) -> str:
-    lines = [ln.rstrip() for ln in str(text).strip().splitlines() if ln.strip()]
+    lines = [ln.rstrip() for ln in ANSI.sub("", str(text)).strip().splitlines() if ln.strip()]
     return "\n".join(ln[:width] for ln in lines[:n])
 
 
@@ -147,6 +157,100 @@ def graph_stats(model_proto) -> dict:
             for o in model_proto.graph.output
         ],
     }
+
+
+def install_capture_hook(captured: dict) -> None:
+    """Record what torch.onnx's capture step does with torch.export.export (calls, errors, program).
+
+    The torch.onnx dynamo exporter calls ``torch.export.export`` (by attribute, at call time); this
+    wrapper passes everything through unchanged and only keeps the arguments' dynamic shapes, any
+    exception (e.g. the constraint violation whose "Suggested fixes" torch.onnx then applies) and
+    the last ExportedProgram, so a failure in the later ONNX translation step can still report how
+    the model was traced.
+    """
+    import torch
+
+    orig = torch.export.export
+
+    def wrapped(*a, **k):
+        call = {"dynamic_shapes": str(k.get("dynamic_shapes")), "strict": k.get("strict")}
+        captured.setdefault("calls", []).append(call)
+        try:
+            ep = orig(*a, **k)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e)
+            call["error"] = f"{type(e).__name__}: {first_lines(msg, 2, 300)}"
+            m = re.search(r"Suggested fixes:\s*\n((?:\s+.+\n?)+)", msg)
+            if m:
+                call["suggested_fixes"] = [
+                    ln.strip() for ln in m.group(1).splitlines() if re.match(r"\s*\w+ = ", ln)
+                ][:5]
+            guards = re.findall(r"satisfy the generated guard (.+?)\.?\s*$", msg, re.MULTILINE)
+            if guards:
+                # the shortest guards are the readable ones (e.g. the number of 64-token chunks == 2)
+                call["guards_violating_range"] = len(guards)
+                call["guards_shortest"] = sorted(set(guards), key=len)[:3]
+            spec = re.findall(r"resulted in a specialized value of (\d+)", msg)
+            if spec:
+                call["specialized_to"] = sorted(set(int(v) for v in spec))
+            raise
+        captured["ep"] = ep
+        call["ok"] = True
+        return ep
+
+    torch.export.export = wrapped
+
+
+def exported_program_stats(ep) -> dict:
+    """Shape of the traced (aten-level) program: symbolic or fixed sequence axis, node counts,
+    where the nodes come from (which decoder layer; the chunked gated-delta-rule function)."""
+    out: dict = {}
+    g = ep.graph_module.graph
+    nodes = [n for n in g.nodes if n.op == "call_function"]
+    out["fx_call_function_nodes"] = len(nodes)
+    user_inputs = set(ep.graph_signature.user_inputs)
+    shapes = {}
+    for n in g.nodes:
+        if n.op == "placeholder" and n.name in user_inputs:
+            val = n.meta.get("val")
+            shapes[n.name] = [str(d) for d in getattr(val, "shape", [])]
+    out["fx_input_shapes"] = shapes
+    out["fx_sequence_axis_symbolic"] = any(
+        not d.isdigit() for shp in shapes.values() for d in shp[1:2]
+    )
+    out["fx_range_constraints"] = {str(k): str(v) for k, v in ep.range_constraints.items()}
+    hist = collections.Counter(str(n.target) for n in nodes)
+    out["fx_op_histogram_top15"] = dict(hist.most_common(15))
+    per_layer: collections.Counter = collections.Counter()
+    layer_kind: dict = {}
+    in_chunk_rule = collections.Counter()
+    loop_ops = collections.Counter()
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        layer = None
+        for path, typ in stack.values():
+            m = re.search(r"layers\.(\d+)(?:\.(\w+))?", str(path))
+            if m:
+                layer = int(m.group(1))
+                if m.group(2) in ("linear_attn", "self_attn"):
+                    layer_kind[layer] = m.group(2)
+        per_layer[layer if layer is not None else "outside layers"] += 1
+        trace = n.meta.get("stack_trace") or ""
+        if "torch_chunk_gated_delta_rule" in trace:
+            in_chunk_rule[layer] += 1
+        t = str(n.target)
+        if any(w in t for w in ("while_loop", "scan", "cond", "map_impl")):
+            loop_ops[t] += 1
+    out["fx_nodes_per_layer"] = {
+        (f"layer {k} ({layer_kind.get(k, '?')})" if isinstance(k, int) else k): v
+        for k, v in sorted(per_layer.items(), key=lambda kv: (not isinstance(kv[0], int), str(kv[0])))
+    }
+    out["fx_nodes_in_chunk_gated_delta_rule"] = int(sum(in_chunk_rule.values()))
+    out["fx_nodes_in_chunk_gated_delta_rule_per_layer"] = {
+        f"layer {k}": v for k, v in sorted(in_chunk_rule.items(), key=lambda kv: str(kv[0]))
+    }
+    out["fx_control_flow_ops"] = dict(loop_ops)  # torch.cond / while_loop / scan higher-order ops
+    return out
 
 
 def ort_check(model_proto, model, cfg, seq: int, alt_seq: int, seed: int, dynamic: bool) -> dict:
@@ -229,7 +333,7 @@ def worker(name: str, workdir: str, result_path: str, seq: int, alt_seq: int, se
             json.dump(result, f, indent=1, default=str)
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model, cfg = build_model(seed)
+    model, cfg = build_model(seed, spec["experts"])
     result["experts_implementation"] = getattr(cfg, "_experts_implementation", None)
     ids = make_ids(seq, seed + seq, cfg.vocab_size)
     path = os.path.join(workdir, f"{name}.onnx")
@@ -254,11 +358,26 @@ def worker(name: str, workdir: str, result_path: str, seq: int, alt_seq: int, se
     result["stage"] = "export"
     dump()
 
+    captured: dict = {}
+    if spec["dynamo"]:
+        install_capture_hook(captured)
+
+    def record_capture():
+        if not spec["dynamo"]:
+            return
+        result["torch_export_calls"] = captured.get("calls", [])
+        if "ep" in captured:
+            try:
+                result["traced_program"] = exported_program_stats(captured["ep"])
+            except Exception as e:  # noqa: BLE001
+                result["traced_program"] = {"error": f"{type(e).__name__}: {first_lines(e, 2)}"}
+
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
             torch.onnx.export(model, (ids,), path, **kwargs)
     except Exception as e:  # noqa: BLE001
+        record_capture()
         result.update(
             ok=False,
             export_s=round(time.perf_counter() - t0, 2),
@@ -266,15 +385,21 @@ def worker(name: str, workdir: str, result_path: str, seq: int, alt_seq: int, se
             error_message=first_lines(e, n=4),
             traceback_tail="".join(traceback.format_exception(e)[-3:])[-2000:],
         )
-        # the root cause of a chained exception is often more telling
-        cause = e.__cause__ or e.__context__
-        if cause is not None:
-            result["cause_type"] = f"{type(cause).__module__}.{type(cause).__name__}"
-            result["cause_message"] = first_lines(cause, n=4)
+        # the chained exceptions (outermost first); the innermost is usually the real reason
+        chain, cur = [], e
+        while cur is not None and len(chain) < 8:
+            chain.append({"type": f"{type(cur).__module__}.{type(cur).__name__}",
+                          "message": first_lines(cur, n=3)})
+            cur = cur.__cause__ or cur.__context__
+        result["exception_chain"] = chain
+        if len(chain) > 1:
+            result["root_cause_type"] = chain[-1]["type"]
+            result["root_cause_message"] = chain[-1]["message"]
         dump()
         return
     result["export_s"] = round(time.perf_counter() - t0, 2)
     result["ok"] = True
+    record_capture()
     result["stage"] = "analyse"
     files = sorted(p for p in os.listdir(workdir) if p.startswith(name))
     result["files"] = {p: os.path.getsize(os.path.join(workdir, p)) for p in files}
@@ -315,7 +440,7 @@ def noteworthy_lines(text: str, limit: int = 25) -> list[str]:
         s = ln.strip()
         if not s or s in seen or not NOTEWORTHY.search(s):
             continue
-        if s.startswith(("File ", "^", "~")):
+        if s.startswith(("File ", "^", "~", "%", "return ")) or "prim::" in s or "scope:" in s:
             continue
         seen.add(s)
         out.append(s[:300])
@@ -368,14 +493,15 @@ def fmt_diff(v) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    cols = ["attempt", "exporter", "export", "s", "nodes", "Loop/Scan/If", "MB", "ORT", "max|dlogits|@T",
+    cols = ["attempt", "exporter", "experts", "export", "s", "nodes", "Loop/Scan/If", "MB", "ORT", "max|dlogits|@T",
             "T'=alt"]
     rows = []
     for r in results:
         exporter = ("dynamo" if r["dynamo"] else "torchscript") + f" op{r['opset']}" + (
             " dyn" if r["dynamic"] else " static")
+        experts = r.get("experts") or f"default ({r.get('experts_implementation') or '?'})"
         if not r.get("ok"):
-            rows.append([r["attempt"], exporter, "FAIL", f"{r.get('wall_s', 0):.0f}", "-", "-", "-", "-", "-", "-"])
+            rows.append([r["attempt"], exporter, experts, "FAIL", f"{r.get('wall_s', 0):.0f}", "-", "-", "-", "-", "-", "-"])
             continue
         lsi = r.get("loop_scan_if", {})
         ort_s = "-"
@@ -391,7 +517,7 @@ def print_table(results: list[dict]) -> None:
         else:
             alt = "-"
         rows.append([
-            r["attempt"], exporter, "ok", f"{r.get('export_s', 0):.0f}",
+            r["attempt"], exporter, experts, "ok", f"{r.get('export_s', 0):.0f}",
             f"{r.get('nodes_top_level', '-')}/{r.get('nodes_total', '-')}",
             "/".join(str(lsi.get(k, 0)) for k in ("Loop", "Scan", "If")),
             f"{r.get('file_bytes_total', 0) / 1e6:.2f}", ort_s, fmt_diff(r.get("seq_max_abs_diff")), alt,
@@ -403,11 +529,31 @@ def print_table(results: list[dict]) -> None:
     for row in rows:
         print(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)))
     print("nodes = top-level / including subgraphs and local functions")
+    print("traced = the torch.export program torch.onnx built before ONNX translation (aten level):")
+    for r in results:
+        tp = r.get("traced_program")
+        calls = r.get("torch_export_calls") or []
+        if not r["dynamo"]:
+            continue
+        fixes = [f for c in calls for f in c.get("suggested_fixes", [])]
+        line = f"  {r['attempt']}: torch.export calls {len(calls)}"
+        if fixes:
+            line += f", constraint violation -> torch.onnx applied suggested fix {fixes}"
+        if tp and "fx_call_function_nodes" in tp:
+            seq_axis = "symbolic" if tp["fx_sequence_axis_symbolic"] else "FIXED"
+            line += (f"; input_ids {tp['fx_input_shapes']} (seq axis {seq_axis}); "
+                     f"{tp['fx_call_function_nodes']} aten nodes, "
+                     f"{tp['fx_nodes_in_chunk_gated_delta_rule']} of them in torch_chunk_gated_delta_rule; "
+                     f"per layer {tp['fx_nodes_per_layer']}; control-flow ops {tp['fx_control_flow_ops'] or 0}")
+        elif not calls or not any(c.get("ok") for c in calls):
+            errs = [c.get("error") for c in calls if c.get("error")]
+            line += f"; no program traced ({errs[-1] if errs else 'n/a'})"
+        print(line)
     for r in results:
         if not r.get("ok"):
-            print(f"\n[{r['attempt']}] FAILED: {r.get('error_type')}: {r.get('error_message')}")
-            if r.get("cause_message"):
-                print(f"  cause: {r.get('cause_type')}: {r.get('cause_message')}")
+            print(f"\n[{r['attempt']}] FAILED: {r.get('error_type')}: {first_lines(r.get('error_message'), 1)}")
+            if r.get("root_cause_message"):
+                print(f"  root cause: {r.get('root_cause_type')}: {r.get('root_cause_message')}")
         else:
             print(f"\n[{r['attempt']}] ops top 15: {r.get('op_histogram_top15')}")
             for k in ("ort_error", "seq_error", "alt_seq_error", "alt_seq_note", "analysis_error"):
@@ -442,6 +588,7 @@ def main() -> None:
     if args.keep_logs:
         os.makedirs(args.keep_logs, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
+    t_start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="baseline_hf_export_") as tmp:
         workdir = args.keep_onnx or tmp
@@ -472,6 +619,7 @@ def main() -> None:
             "alt_seq": args.alt_seq,
         },
         "timeout_per_attempt_s": args.timeout,
+        "total_wall_s": round(time.perf_counter() - t_start, 1),
         "results": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -106,7 +106,10 @@ def load_model(path: str | Path, dtype=torch.float32, with_mtp: bool = True) -> 
 
 # ------------------------------------------------------------------------------------------------
 # Seeded random weights: each tensor drawn from a generator seeded by (seed, its name), so one layer
-# materialised alone equals the same layer of the whole model.
+# materialised alone equals the same layer of the whole model. RANDOM_INIT_VERSION changes whenever
+# the draw changes: exports record it, and validating an export made with another draw is refused.
+
+RANDOM_INIT_VERSION = 2
 
 
 def random_tensor(name: str, shape, seed: int) -> torch.Tensor:
@@ -189,7 +192,7 @@ class WeightSource:
 
     def describe(self) -> dict:
         if self.reader is None:
-            return {"kind": "random", "preset": self.model, "seed": self.seed}
+            return {"kind": "random", "preset": self.model, "seed": self.seed, "init_version": RANDOM_INIT_VERSION}
         return {"kind": "checkpoint", "path": str(Path(self.model).resolve()), "fingerprint": self.reader.fingerprint()}
 
     def _fill(self, module: nn.Module, prefix: str) -> nn.Module:

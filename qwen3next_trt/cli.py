@@ -125,13 +125,34 @@ def cmd_validate(args) -> int:
     from qwen3next_trt.validate.validator import Validator, table
 
     report = Validator(args.onnx, backend=args.backend, model=args.model, report_dir=args.report,
-                       generate=args.generate, progress=lambda m: print(m, flush=True)).run()
+                       generate=args.generate, engines=args.engines, progress=lambda m: print(m, flush=True)).run()
     print()
     print(table(report))
     out = Path(args.report) if args.report else Path(args.onnx) / "validation"
     print(f"wrote {out / 'report.json'}, {out / 'per_layer_error.png'} and polygraphy RunResults per graph")
     if not report.passed:
         raise ToleranceError("validation failed: see the table above")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from qwen3next_trt.engines.builder import EngineBuilder, Limits
+
+    ccs = [c.strip().upper() for c in args.compute_capability.split(",")] if args.compute_capability else None
+    builder = EngineBuilder(args.onnx, args.out, graphs=args.graphs,
+                            limits=Limits(args.max_batch, args.max_seq, args.max_context),
+                            optimization_level=args.opt_level, flavour=args.trt, compute_capabilities=ccs,
+                            force=args.force, progress=lambda m: print(m, flush=True))
+    metas = builder.run()
+    built = sum(1 for m in metas if m)
+    print(f"wrote {built} engines + metadata to {args.out} (timing cache {args.out}/timing.cache)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from qwen3next_trt.engines.builder import inspect_path
+
+    print(inspect_path(args.path))
     return 0
 
 
@@ -165,11 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="every exported graph vs the PyTorch reference (polygraphy), and end to end")
     s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
-    s.add_argument("--backend", default="onnxrt", help="onnxrt (ONNX Runtime CPU)")
+    s.add_argument("--backend", default="onnxrt", help="onnxrt (ONNX Runtime CPU), or tensorrt (engines on the GPU, beside ONNX Runtime)")
+    s.add_argument("--engines", help="engines directory for --backend tensorrt")
     s.add_argument("--model", help="weights to use instead of the manifest's source (e.g. a moved checkpoint)")
     s.add_argument("--report", help="report directory (default: ONNX_DIR/validation)")
     s.add_argument("--generate", type=int, default=24, help="greedy tokens of the end-to-end loop (default 24)")
     s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("build", help="compile the exported ONNX graphs into TensorRT engines")
+    s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
+    s.add_argument("--out", required=True, help="engines directory")
+    s.add_argument("--graphs", default="all", help="'all' or a comma list of graph names / groups (layer_03, final, model.prefill)")
+    s.add_argument("--max-batch", type=int, default=4)
+    s.add_argument("--max-seq", type=int, default=256, help="longest prefill chunk")
+    s.add_argument("--max-context", type=int, default=4096, help="longest past (KV cache) length")
+    s.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
+    s.add_argument("--trt", choices=("auto", "tensorrt", "tensorrt_rtx"), default="auto")
+    s.add_argument("--compute-capability", help="TensorRT-RTX targets, e.g. SM80,SM89,SM120 (default)")
+    s.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("inspect", help="engine metadata and layer list")
+    s.add_argument("path", help="an .engine file (or its .engine.json) or an engines directory")
+    s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("random-checkpoint", help="write a seeded random HF-format checkpoint of a config")
     s.add_argument("--model", required=True, help="preset or checkpoint directory (its config)")

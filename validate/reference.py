@@ -19,7 +19,8 @@ from polygraphy.datatype import DataType
 
 from qwen3next_trt.model import AttentionCache, DeltaNetCache, Qwen3NextCache
 from qwen3next_trt.model.config import LINEAR_ATTENTION
-from qwen3next_trt.model.loader import WeightSource
+from qwen3next_trt.errors import InputError
+from qwen3next_trt.model.loader import RANDOM_INIT_VERSION, WeightSource
 from qwen3next_trt.model.modeling_qwen3_next import Qwen3NextRotaryEmbedding
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,6 +29,9 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 def weight_source(manifest: dict, model: str | None = None) -> WeightSource:
     """The weights the export used: `model` overrides the manifest's source (e.g. a moved checkpoint)."""
     src = manifest["source"]
+    if model is None and src["kind"] == "random" and src.get("init_version") != RANDOM_INIT_VERSION:
+        raise InputError(f"this export's random weights (preset {src['preset']}, init version {src.get('init_version')}) "
+                         f"were drawn by another version of the generator (now {RANDOM_INIT_VERSION}): export again")
     if model is None:
         model = src["preset"] if src["kind"] == "random" else src["path"]
     return WeightSource(model, seed=src.get("seed", 0), dtype=TORCH_DTYPES[manifest["dtype"]])

@@ -33,11 +33,12 @@ TOLERANCES = {
     "fp16": {"kind": "rel_to_max", "layer": 5e-3, "end_to_end": 2e-2, "greedy_agreement": 0.9},
     "bf16": {"kind": "rel_to_max", "layer": 4e-2, "end_to_end": 1e-1, "greedy_agreement": 0.75},
 }
-BACKENDS = ("onnxrt",)
+BACKENDS = ("onnxrt", "tensorrt")
 
 
 @dataclass
 class Row:
+    backend: str
     graph: str
     feed: str
     output: str
@@ -84,20 +85,45 @@ def _tolerance(tol: dict, which: str, ref_max: float) -> float:
     return tol[which] if tol["kind"] == "abs" else tol[which] * max(ref_max, 1e-6)
 
 
-def _session_factory(backend: str):
+def _onnxrt_session(path):
     import onnxruntime as ort
 
-    def make(path):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    return make
+
+class SessionRunner:
+    """A polygraphy runner over anything with `run(None, feeds)` (here: TensorRT engine sessions)."""
+
+    def __new__(cls, session, outputs: list[str], name: str):
+        from polygraphy.backend.base import BaseRunner
+
+        class _Runner(BaseRunner):
+            def activate_impl(self):
+                pass
+
+            def get_input_metadata_impl(self):
+                from polygraphy.common import TensorMetadata
+
+                return TensorMetadata()
+
+            def infer_impl(self, feed_dict):
+                start = time.time()
+                values = session.run(None, feed_dict)
+                self.inference_time = time.time() - start
+                return dict(zip(outputs, values))
+
+            def deactivate_impl(self):
+                pass
+
+        return _Runner(name=name)
 
 
 class Validator:
     def __init__(self, onnx_dir: str | Path, backend: str = "onnxrt", model: str | None = None,
-                 report_dir: str | Path | None = None, generate: int = 24, progress=print):
+                 report_dir: str | Path | None = None, generate: int = 24, engines: str | Path | None = None,
+                 progress=print):
         self.dir = Path(onnx_dir)
         manifest_path = self.dir / "manifest.json"
         if not manifest_path.is_file():
@@ -109,10 +135,16 @@ class Validator:
         if self.manifest.get("format") != "qwen3next-trt/manifest":
             raise InputError(f"{manifest_path}: field 'format': expected 'qwen3next-trt/manifest', got {self.manifest.get('format')!r}")
         if backend not in BACKENDS:
-            raise InputError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)} (TensorRT: the engines issue)")
-        if backend == "onnxrt" and self.manifest.get("dtype") == "bf16":
+            raise InputError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        bf16 = self.manifest.get("dtype") == "bf16"
+        if backend == "onnxrt" and bf16:
             raise InputError(f"{manifest_path}: a bf16 export: ONNX Runtime's CPU provider has no bfloat16 kernels "
-                             "(MatMul among them); validate fp32 or fp16 exports on CPU, bf16 ones with TensorRT")
+                             "(MatMul among them); validate fp32 or fp16 exports on CPU, bf16 ones with --backend tensorrt")
+        if backend == "tensorrt" and engines is None:
+            raise InputError("--backend tensorrt needs --engines DIR (the output of `qwen3next-trt build`)")
+        # TensorRT is compared three ways: against the reference, and beside ONNX Runtime on the same feeds.
+        self.backends = ["onnxrt"] if backend == "onnxrt" else (["tensorrt"] if bf16 else ["onnxrt", "tensorrt"])
+        self.engines = Path(engines) if engines else None
         self.backend, self.model_override, self.generate = backend, model, generate
         self.report_dir = Path(report_dir) if report_dir else self.dir / "validation"
         self.progress = progress
@@ -122,12 +154,14 @@ class Validator:
     def run(self) -> Report:
         from polygraphy.logger import G_LOGGER
 
-        G_LOGGER.module_severity = G_LOGGER.ERROR
+        G_LOGGER.module_severity = G_LOGGER.CRITICAL  # our table reports mismatches
         t0 = time.time()
         import onnxruntime as ort
 
-        report = Report(str(self.dir), self.backend, f"cpu (onnxruntime {ort.__version__} CPUExecutionProvider)",
-                        self.manifest["dtype"], self.tol)
+        device = f"onnxrt: cpu (onnxruntime {ort.__version__} CPUExecutionProvider)"
+        if "tensorrt" in self.backends:
+            device += f"; tensorrt: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+        report = Report(str(self.dir), "+".join(self.backends), device, self.manifest["dtype"], self.tol)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         groups: dict[str, list[dict]] = {}
         for g in self.manifest["graphs"]:
@@ -146,66 +180,87 @@ class Validator:
         self._write(report)
         return report
 
+    def _session(self, backend: str, rec: dict):
+        if backend == "onnxrt":
+            return _onnxrt_session(self.dir / rec["file"])
+        from qwen3next_trt.engines.runtime import EngineSession
+
+        return EngineSession(self.engines / f"{rec['name']}.engine")
+
     def _compare_graph(self, rec: dict, part: ReferencePart) -> list[Row]:
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
         from polygraphy.comparator import Comparator, CompareFunc
 
         feeds = feeds_for(rec, self.manifest["config"], seed=_seed(rec["name"]))
         kind = "end_to_end" if rec["kind"] == "model" else "layer"
-        runners = [ReferenceRunner(part, name="pytorch"),
-                   OnnxrtRunner(SessionFromOnnx(str(self.dir / rec["file"]), providers=["cpu"]), name="onnxrt")]
+        outputs = [o["name"] for o in rec["outputs"]]
+        runners = [ReferenceRunner(part, name="pytorch")]
+        for backend in self.backends:
+            if backend == "onnxrt":
+                runners.append(OnnxrtRunner(SessionFromOnnx(str(self.dir / rec["file"]), providers=["cpu"]), name="onnxrt"))
+            else:
+                runners.append(SessionRunner(self._session(backend, rec), outputs, name=backend))
         results = Comparator.run(runners, data_loader=[f for _, f in feeds])
         results.save(str(self.report_dir / f"{rec['name']}.runresults.json"))
-        ref_iters, got_iters = results[0][1], results[1][1]
+        ref_iters = results[0][1]
         rows = []
-        atol = {}
-        for (label, _), ref_it, got_it in zip(feeds, ref_iters, got_iters):
-            for out in rec["outputs"]:
-                name = out["name"]
-                max_abs, max_rel, cos, ref_max = metrics(ref_it[name], got_it[name])
-                tol = _tolerance(self.tol, kind, ref_max)
-                atol[name] = max(atol.get(name, 0.0), tol)
-                rows.append(Row(rec["name"], label, name, max_abs, max_rel, cos, ref_max, tol, max_abs <= tol))
-        # polygraphy's own verdict with the same thresholds (absolute, per output)
-        verdict = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0, check_error_stat="max"))
-        per_iter = verdict[0][("pytorch", "onnxrt")]
-        for it_index, it_result in enumerate(per_iter):
-            for name, out_result in it_result.items():
-                for row in rows:
-                    if row.feed == feeds[it_index][0] and row.output == name:
-                        row.polygraphy = bool(out_result)
+        for backend, (_, got_iters) in zip(self.backends, list(results)[1:]):
+            atol = {}
+            mine = []
+            for (label, _), ref_it, got_it in zip(feeds, ref_iters, got_iters):
+                for name in outputs:
+                    max_abs, max_rel, cos, ref_max = metrics(ref_it[name], got_it[name])
+                    tol = _tolerance(self.tol, kind, ref_max)
+                    atol[name] = max(atol.get(name, 0.0), tol)
+                    mine.append(Row(backend, rec["name"], label, name, max_abs, max_rel, cos, ref_max, tol, max_abs <= tol))
+            # polygraphy's own verdict with the same thresholds (absolute, per output)
+            verdict = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0, check_error_stat="max"),
+                                                  comparisons=[(0, 1 + self.backends.index(backend))])
+            for it_index, it_result in enumerate(verdict[0][("pytorch", backend)]):
+                for name, out_result in it_result.items():
+                    for row in mine:
+                        if row.feed == feeds[it_index][0] and row.output == name:
+                            row.polygraphy = bool(out_result)
+            rows += mine
         return rows
 
     def _end_to_end(self, report: Report) -> dict:
         out = {}
-        try:
-            layered = LayeredModel(self.dir, self.manifest, _session_factory(self.backend))
-        except LookupError as e:
-            report.notes.append(f"greedy decode through per-layer graphs not run: {e}")
-            return out
-        model = self.source.whole_model(with_mtp=False).to(torch.float32)
-        rng = np.random.default_rng(1234)
-        vocab = self.manifest["config"]["vocab_size"]
-        prompt = rng.integers(0, vocab, (2, 20), dtype=np.int64)
-        t = time.time()
-        tokens, step_logits = layered.greedy(prompt, self.generate)
-        with torch.no_grad():
-            expected = model.generate_greedy(torch.from_numpy(prompt), self.generate).numpy()
-            # the reference's logits along the backend's own token path: per-step logits error
-            ids = torch.from_numpy(np.concatenate([prompt, tokens[:, :-1]], 1))
-            ref_logits = model(ids)[:, prompt.shape[1] - 1 :].numpy()
-        got = np.stack(step_logits, 1)
-        max_abs, _, cos, ref_max = metrics(ref_logits, got)
-        tol = _tolerance(self.tol, "end_to_end", ref_max)
-        agreement = float((tokens == expected).mean())
-        out["greedy_per_layer_graphs"] = {
-            "prompt_tokens": prompt.shape[1], "generated": self.generate, "batch": prompt.shape[0],
-            "token_agreement": agreement, "logits_max_abs": max_abs, "logits_cosine": cos, "tolerance": tol,
-            "passed": agreement >= self.tol["greedy_agreement"] and max_abs <= tol, "seconds": round(time.time() - t, 1),
-        }
-        self.progress(f"[validate] greedy {self.generate} tokens through per-layer graphs: agreement {agreement:.1%}, "
-                      f"logits max abs {max_abs:.2e} (tolerance {tol:.1e})")
+        model = None
+        for backend in self.backends:
+            try:
+                layered = LayeredModel(self.dir, self.manifest, lambda path, b=backend: self._session(b, self._record_of(path)))
+            except LookupError as e:
+                report.notes.append(f"greedy decode through per-layer graphs not run: {e}")
+                return out
+            if model is None:
+                model = self.source.whole_model(with_mtp=False).to(torch.float32)
+            rng = np.random.default_rng(1234)
+            vocab = self.manifest["config"]["vocab_size"]
+            prompt = rng.integers(0, vocab, (2, 20), dtype=np.int64)
+            t = time.time()
+            tokens, step_logits = layered.greedy(prompt, self.generate)
+            with torch.no_grad():
+                expected = model.generate_greedy(torch.from_numpy(prompt), self.generate).numpy()
+                # the reference's logits along the backend's own token path: per-step logits error
+                ids = torch.from_numpy(np.concatenate([prompt, tokens[:, :-1]], 1))
+                ref_logits = model(ids)[:, prompt.shape[1] - 1 :].numpy()
+            got = np.stack(step_logits, 1)
+            max_abs, _, cos, ref_max = metrics(ref_logits, got)
+            tol = _tolerance(self.tol, "end_to_end", ref_max)
+            agreement = float((tokens == expected).mean())
+            out[f"greedy_per_layer_graphs[{backend}]"] = {
+                "prompt_tokens": prompt.shape[1], "generated": self.generate, "batch": prompt.shape[0],
+                "token_agreement": agreement, "logits_max_abs": max_abs, "logits_cosine": cos, "tolerance": tol,
+                "passed": agreement >= self.tol["greedy_agreement"] and max_abs <= tol, "seconds": round(time.time() - t, 1),
+            }
+            self.progress(f"[validate] {backend}: greedy {self.generate} tokens through per-layer graphs: agreement {agreement:.1%}, "
+                          f"logits max abs {max_abs:.2e} (tolerance {tol:.1e})")
         return out
+
+    def _record_of(self, path) -> dict:
+        name = Path(path).name
+        return next(g for g in self.manifest["graphs"] if g["file"] == name)
 
     def _write(self, report: Report):
         path = self.report_dir / "report.json"
@@ -224,15 +279,15 @@ def table(report: Report, worst_only: bool = True) -> str:
     if worst_only:  # one line per graph and output: the worst feed
         best: dict[tuple, Row] = {}
         for r in rows:
-            k = (r.graph, r.output)
+            k = (r.backend, r.graph, r.output)
             if k not in best or r.max_abs / max(r.tolerance, 1e-30) > best[k].max_abs / max(best[k].tolerance, 1e-30):
                 best[k] = r
         rows = list(best.values())
-    head = ("graph", "output", "max abs", "max rel", "cosine", "tolerance", "pass")
-    body = [(r.graph, r.output, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.6f}", f"{r.tolerance:.1e}",
+    head = ("backend", "graph", "output", "max abs", "max rel", "cosine", "tolerance", "pass")
+    body = [(r.backend, r.graph, r.output, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.6f}", f"{r.tolerance:.1e}",
              "ok" if r.passed else "FAIL") for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    fmt = lambda x: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths)))  # noqa: E731
+    fmt = lambda x: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths)))  # noqa: E731
     lines = [fmt(head), "-" * sum(widths) + "-" * 2 * (len(widths) - 1), *map(fmt, body)]
     for name, e in report.end_to_end.items():
         lines.append(f"{name}: token agreement {e['token_agreement']:.1%}, logits max abs {e['logits_max_abs']:.2e} "
@@ -253,12 +308,15 @@ def plot_errors(report: Report, path: Path):
     for r in report.rows:
         group, _, mode = r.graph.partition(".")
         series = graphs.setdefault(group, {})
-        series[mode or "any"] = max(series.get(mode or "any", 0.0), r.max_abs)
+        key = f"{r.backend} {mode or 'any'}"
+        series[key] = max(series.get(key, 0.0), r.max_abs)
     names = list(graphs)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
-    for mode, marker in (("prefill", "o"), ("decode", "s"), ("any", "^")):
-        xs = [i for i, n in enumerate(names) if mode in graphs[n]]
-        ax.scatter(xs, [max(graphs[names[i]][mode], 1e-9) for i in xs], marker=marker, label=mode)
+    keys = sorted({k for series in graphs.values() for k in series})
+    markers = {"prefill": "o", "decode": "s", "any": "^"}
+    for key in keys:
+        xs = [i for i, n in enumerate(names) if key in graphs[n]]
+        ax.scatter(xs, [max(graphs[names[i]][key], 1e-9) for i in xs], marker=markers[key.split()[-1]], label=key)
     if report.tolerances["kind"] == "abs":
         ax.axhline(report.tolerances["layer"], color="red", linestyle="--", label="per-layer tolerance")
         if "model" in graphs:

@@ -1,0 +1,298 @@
+"""`qwen3next-trt build`: the exported ONNX graphs -> TensorRT engines, with metadata beside each.
+
+Reads manifest.json only. Every graph becomes a strongly typed network (precision comes from the
+graph); its optimization profile comes from the manifest's symbolic dims (batch, seq, past). The
+custom-op nodes reach the project's plugins through the ONNX parser. Each engine gets
+`<graph>.engine.json`: source hashes, TensorRT flavour and version, profiles, plugins and the plugin
+library's source hash, targets, builder flags, the network's layer list. A graph whose inputs all
+hash the same as last time is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen3next_trt.errors import InputError
+
+from . import trt as trt_adapter
+
+METADATA_FORMAT = "qwen3next-trt/engine"
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass
+class Limits:
+    max_batch: int = 4
+    max_seq: int = 256
+    max_context: int = 4096
+
+    def ranges(self, dim: str, mode: str) -> tuple[int, int, int]:
+        if dim == "batch":
+            return 1, max(1, self.max_batch // 2), self.max_batch
+        if dim == "seq":
+            return (1, 1, 1) if mode == "decode" else (1, min(self.max_seq, 128), self.max_seq)
+        if dim == "past":
+            return 0, min(self.max_context // 2, 1024), self.max_context - 1
+        raise InputError(f"unknown symbolic dim {dim!r} in the manifest")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(onnx_dir: Path) -> dict:
+    path = onnx_dir / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not found: expected the output directory of `qwen3next-trt export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != "qwen3next-trt/manifest":
+        raise InputError(f"{path}: field 'format': expected 'qwen3next-trt/manifest', got {manifest.get('format')!r}")
+    return manifest
+
+
+def select_graphs(manifest: dict, spec: str | None) -> list[dict]:
+    graphs = manifest["graphs"]
+    if spec in (None, "", "all"):
+        return graphs
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    chosen = [g for g in graphs if any(g["name"] == w or g["name"].startswith(w + ".") for w in wanted)]
+    missing = [w for w in wanted if not any(g["name"] == w or g["name"].startswith(w + ".") for g in graphs)]
+    if missing:
+        raise InputError(f"--graphs {spec!r}: no graph named {missing[0]!r} in the manifest (have e.g. {graphs[0]['name']})")
+    return chosen
+
+
+class CaptureLogger:
+    def __init__(self, trt):
+        class _Logger(trt.ILogger):
+            def __init__(inner):
+                trt.ILogger.__init__(inner)
+                inner.messages = []
+
+            def log(inner, severity, msg):
+                inner.messages.append((severity, msg))
+
+        self.logger = _Logger()
+        self.trt = trt
+
+    def errors(self) -> list[str]:
+        return [m for s, m in self.logger.messages if s <= self.trt.ILogger.Severity.ERROR]
+
+
+def describe_layer(trt, layer) -> dict:
+    entry = {"name": layer.name, "type": str(layer.type).split(".")[-1]}
+    if layer.type == trt.LayerType.PLUGIN_V3:
+        layer.__class__ = trt.IPluginV3Layer
+        entry["plugin"] = getattr(layer.plugin, "plugin_name", "?")
+    return entry
+
+
+def allow_decomposed_attention(trt, network) -> int:
+    """Mark float32 attention decomposable: TensorRT's fused attention kernels take only 16-bit
+    inputs, and a float32 IAttention without this flag fails to build. Returns how many it marked."""
+    marked = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type != trt.LayerType.ATTENTION_OUTPUT:
+            continue
+        layer.__class__ = trt.IAttentionOutputLayer  # the Python API's way to reach a layer's own class
+        attention = layer.attention
+        if attention.get_input(0).dtype == trt.DataType.FLOAT:
+            attention.decomposable = True
+            marked += 1
+    return marked
+
+
+class EngineBuilder:
+    def __init__(self, onnx_dir, out_dir, graphs: str | None = None, limits: Limits | None = None,
+                 optimization_level: int = 3, flavour: str = "auto", compute_capabilities: list[str] | None = None,
+                 force: bool = False, progress=print):
+        self.onnx_dir, self.out_dir = Path(onnx_dir), Path(out_dir)
+        self.manifest = read_manifest(self.onnx_dir)
+        self.graphs = select_graphs(self.manifest, graphs)
+        self.limits = limits or Limits()
+        if self.limits.max_context > self.manifest["max_positions"]:
+            raise InputError(f"--max-context {self.limits.max_context}: the export's RoPE table holds {self.manifest['max_positions']} positions")
+        if not 0 <= optimization_level <= 5:
+            raise InputError(f"--opt-level {optimization_level}: expected 0..5")
+        self.optimization_level, self.force, self.progress = optimization_level, force, progress
+        self.T = trt_adapter.load(flavour)
+        self.ccs = self.T.compute_capabilities(compute_capabilities)
+        self.cc_names = compute_capabilities or (["SM80", "SM89", "SM120"] if self.T.ahead_of_time else [])
+        from qwen3next_trt.plugins import bindings
+        from qwen3next_trt.plugins.build import source_hash
+
+        self.plugins = bindings.register(self.T.trt)
+        self.plugin_source_hash = source_hash()
+
+    # -- one graph -------------------------------------------------------------------------------
+    def _profile(self, record: dict) -> dict[str, dict[str, list[int]]]:
+        profile = {}
+        for p in record["inputs"]:
+            if not any(isinstance(d, str) for d in p["shape"]):
+                continue
+            lo, opt, hi = [], [], []
+            for d in p["shape"]:
+                r = (d, d, d) if isinstance(d, int) else self.limits.ranges(d, record["mode"])
+                lo.append(r[0]), opt.append(r[1]), hi.append(r[2])
+            profile[p["name"]] = {"min": lo, "opt": opt, "max": hi}
+        return profile
+
+    def _key(self, record: dict, profile: dict, weights_sha: str, onnx_sha: str) -> str:
+        parts = [onnx_sha, weights_sha, self.T.flavour, self.T.version, self.plugin_source_hash, json.dumps(profile, sort_keys=True),
+                 ",".join(self.cc_names), str(self.optimization_level)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def build_one(self, record: dict, weights_sha: str, timing_cache) -> tuple[dict, bool]:
+        trt = self.T.trt
+        onnx_path = self.onnx_dir / record["file"]
+        engine_path = self.out_dir / f"{record['name']}.engine"
+        meta_path = engine_path.with_name(engine_path.name + ".json")
+        profile = self._profile(record)
+        onnx_sha = _sha256(onnx_path)
+        key = self._key(record, profile, weights_sha, onnx_sha)
+        if not self.force and engine_path.exists() and meta_path.exists():
+            old = json.loads(meta_path.read_text())
+            if old.get("cache_key") == key:
+                return old, False
+
+        log = CaptureLogger(trt)
+        builder = trt.Builder(log.logger)
+        network = self.T.create_network(builder)
+        parser = trt.OnnxParser(network, log.logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errs = []
+            for i in range(parser.num_errors):
+                e = parser.get_error(i)
+                errs.append(f"node {e.node_name()!r} ({e.node_operator()}): {e.desc()}")
+            raise InputError(f"{onnx_path}: TensorRT's ONNX parser failed: " + "; ".join(errs or log.errors()[-3:]))
+        layers = [describe_layer(trt, network.get_layer(i)) for i in range(network.num_layers)]
+        decomposed = allow_decomposed_attention(trt, network)
+        config = builder.create_builder_config()
+        config.builder_optimization_level = self.optimization_level
+        if self.ccs:
+            config.num_compute_capabilities = len(self.ccs)
+            for i, cc in enumerate(self.ccs):
+                config.set_compute_capability(cc, i)
+        if profile:
+            prof = builder.create_optimization_profile()
+            for name, r in profile.items():
+                prof.set_shape(name, r["min"], r["opt"], r["max"])
+            config.add_optimization_profile(prof)
+        if timing_cache is not None:
+            config.set_timing_cache(timing_cache, False)
+        t0 = time.time()
+        plan = builder.build_serialized_network(network, config)
+        seconds = time.time() - t0
+        if plan is None:
+            raise InputError(f"{onnx_path}: engine build failed: " + " | ".join(log.errors()[-3:] or ["(no message)"]))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(plan)
+        os.replace(tmp, engine_path)
+        plugin_layers = sorted(lay["plugin"] for lay in layers if "plugin" in lay)
+        meta = {
+            "format": METADATA_FORMAT,
+            "graph": record["name"], "kind": record["kind"], "mode": record["mode"], "layer": record.get("layer"),
+            "engine": engine_path.name, "engine_bytes": engine_path.stat().st_size,
+            "onnx": str(onnx_path), "onnx_sha256": onnx_sha, "weights_sha256": weights_sha,
+            "tensorrt": {"flavour": self.T.flavour, "version": self.T.version},
+            "profiles": [profile], "inputs": record["inputs"], "outputs": record["outputs"],
+            "plugins": [{"name": n, "version": "1", "namespace": ""} for n in self.plugins],
+            "plugin_layers": plugin_layers,
+            "plugin_library_source_sha256": self.plugin_source_hash,
+            "compute_capabilities": self.cc_names or ["the building GPU"],
+            "builder": {"strongly_typed": True, "optimization_level": self.optimization_level,
+                        "float32_attention_decomposed": decomposed,
+                        "timing_cache": TIMING_CACHE if timing_cache is not None else None},
+            "built_on": f"{platform.node()} ({'CPU, ahead of time' if self.T.ahead_of_time else 'GPU'})",
+            "build_seconds": round(seconds, 2),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "layers": layers,
+            "cache_key": key,
+        }
+        tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, meta_path)
+        return meta, True
+
+    def run(self) -> list[dict]:
+        trt = self.T.trt
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cache_path = self.out_dir / TIMING_CACHE
+        config = trt.Builder(CaptureLogger(trt).logger).create_builder_config()
+        timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+        targets = ", ".join(self.cc_names) if self.cc_names else "this GPU"
+        where = "CPU, ahead of time" if self.T.ahead_of_time else "GPU"
+        self.progress(f"[build] {len(self.graphs)} graphs with {self.T.flavour} {self.T.version} on {where} for {targets}; "
+                      f"plugins {', '.join(self.plugins)}")
+        weights_sha: dict[str, str] = {}
+        results = []
+        for i, record in enumerate(self.graphs, 1):
+            t0 = time.time()
+            w = record["weights"]
+            if w not in weights_sha:
+                weights_sha[w] = _sha256(self.onnx_dir / w)
+            meta, built = self.build_one(record, weights_sha[w], timing_cache)
+            results.append(meta)
+            status = "built" if built else "up to date"
+            plugins = ",".join(t for t in meta["plugin_layers"]) or "-"
+            self.progress(f"[build] {i}/{len(self.graphs)} {record['name']:<18} {status:<10} {len(meta['layers']):>4} layers  "
+                          f"{meta['engine_bytes'] / 2**20:8.1f} MiB  {time.time() - t0:6.1f} s  plugins: {plugins}")
+        serialized = timing_cache.serialize()
+        tmp = cache_path.with_name(f".{TIMING_CACHE}.tmp")
+        tmp.write_bytes(bytes(serialized))
+        os.replace(tmp, cache_path)
+        return results
+
+
+def inspect_path(path: str | Path) -> str:
+    """Metadata and layer list of one engine, or a table of every engine in a directory."""
+    path = Path(path)
+    metas = []
+    if path.is_dir():
+        metas = [json.loads(p.read_text()) for p in sorted(path.glob("*.engine.json"))]
+        if not metas:
+            raise InputError(f"{path}: no *.engine.json files (not an engines directory)")
+    else:
+        meta_path = path if path.name.endswith(".engine.json") else path.with_name(path.name + ".json")
+        if not meta_path.is_file():
+            raise InputError(f"{meta_path}: engine metadata not found")
+        metas = [json.loads(meta_path.read_text())]
+    lines = []
+    if len(metas) > 1:
+        lines.append(f"{'engine':<22}{'layers':>7}{'MiB':>9}  {'TensorRT':<24}targets; plugin layers")
+        for m in metas:
+            lines.append(f"{m['graph']:<22}{len(m['layers']):>7}{m['engine_bytes'] / 2**20:>9.1f}  "
+                         f"{m['tensorrt']['flavour'] + ' ' + m['tensorrt']['version']:<24}"
+                         f"{','.join(m['compute_capabilities'])}; {','.join(m['plugin_layers']) or '-'}")
+        return "\n".join(lines)
+    m = metas[0]
+    lines += [f"engine: {m['engine']} ({m['engine_bytes']:,} bytes), graph {m['graph']} ({m['kind']}, {m['mode']})",
+              f"TensorRT: {m['tensorrt']['flavour']} {m['tensorrt']['version']}; targets {', '.join(m['compute_capabilities'])}; "
+              f"built on {m['built_on']} in {m['build_seconds']} s ({m['created']})",
+              f"builder: {m['builder']}",
+              f"plugins: {', '.join(p['name'] for p in m['plugins'])}; plugin library source sha256 {m['plugin_library_source_sha256'][:16]}",
+              f"source: {m['onnx']} (sha256 {m['onnx_sha256'][:16]}), weights sha256 {m['weights_sha256'][:16]}",
+              "profile:"]
+    for name, r in m["profiles"][0].items():
+        lines.append(f"  {name:<28} min {r['min']}  opt {r['opt']}  max {r['max']}")
+    lines.append(f"layers ({len(m['layers'])}):")
+    lines += [f"  {i:>4}  {lay['type']:<22} {lay['name']}" + (f"  -> plugin {lay['plugin']}" if "plugin" in lay else "")
+              for i, lay in enumerate(m["layers"])]
+    return "\n".join(lines)

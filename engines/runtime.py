@@ -1,0 +1,93 @@
+"""Running a built engine on the GPU with the same call shape as an ONNX Runtime session.
+
+`EngineSession(path).run(None, feeds)` takes and returns numpy arrays, so the validator and the
+layered end-to-end loop drive engines exactly as they drive ONNX Runtime. Before anything runs, the
+engine's metadata is checked against this process: TensorRT flavour and version, and every input
+shape against the engine's profile; a mismatch is an error naming the engine and tensor, never a
+silent rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qwen3next_trt.errors import InputError
+
+from . import trt as trt_adapter
+
+
+def _torch_dtype(trt, dt):
+    import torch
+
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
+             trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
+    return table[dt]
+
+
+class EngineSession:
+    def __init__(self, engine_path: str | Path):
+        import torch
+
+        self.path = Path(engine_path)
+        meta_path = self.path.with_name(self.path.name + ".json")
+        if not self.path.is_file() or not meta_path.is_file():
+            raise InputError(f"{self.path}: engine or its metadata ({meta_path.name}) not found")
+        self.meta = json.loads(meta_path.read_text())
+        want = self.meta["tensorrt"]
+        self.T = trt_adapter.load(want["flavour"])
+        if self.T.version != want["version"]:
+            raise InputError(f"{self.path}: built by {want['flavour']} {want['version']}, this process has {self.T.version}: rebuild it")
+        if not torch.cuda.is_available():
+            raise InputError(f"{self.path}: running an engine needs a CUDA GPU (none visible)")
+        from qwen3next_trt.plugins import bindings
+
+        bindings.register(self.T.trt)
+        trt = self.T.trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            cc = "sm_%d%d" % torch.cuda.get_device_capability()
+            raise InputError(f"{self.path}: TensorRT could not deserialize it on {torch.cuda.get_device_name()} ({cc}); "
+                             f"built for {', '.join(self.meta['compute_capabilities'])}")
+        self.context = self.engine.create_execution_context()
+        self.outputs = [o["name"] for o in self.meta["outputs"]]
+        self.profile = self.meta["profiles"][0] if self.meta["profiles"] else {}
+        self.stream = torch.cuda.Stream()
+
+    def _check_shape(self, name: str, shape: tuple):
+        r = self.profile.get(name)
+        if r is None:
+            return
+        for axis, (lo, hi, n) in enumerate(zip(r["min"], r["max"], shape)):
+            if not lo <= n <= hi:
+                raise InputError(f"{self.path.name}: input {name!r} axis {axis} = {n} is outside the engine's profile [{lo}, {hi}] "
+                                 f"(shape {list(shape)}); rebuild with larger --max-batch/--max-seq/--max-context")
+
+    def run(self, output_names, feeds: dict) -> list[np.ndarray]:
+        import torch
+
+        trt = self.T.trt
+        keep = []
+        for name, array in feeds.items():
+            array = np.ascontiguousarray(array)
+            self._check_shape(name, array.shape)
+            # numpy has no bfloat16: such inputs arrive as float32 and are cast to what the engine wants
+            t = torch.from_numpy(array).cuda().to(_torch_dtype(trt, self.engine.get_tensor_dtype(name)))
+            keep.append(t)
+            self.context.set_input_shape(name, tuple(array.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            t = torch.empty(shape, dtype=_torch_dtype(trt, self.engine.get_tensor_dtype(name)), device="cuda")
+            outs[name] = t
+            self.context.set_tensor_address(name, t.data_ptr())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"{self.path.name}: execute_async_v3 failed")
+        self.stream.synchronize()
+        names = output_names or self.outputs
+        return [(outs[n].float() if outs[n].dtype == torch.bfloat16 else outs[n]).cpu().numpy() for n in names]

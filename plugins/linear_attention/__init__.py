@@ -1,0 +1,1 @@
+"""plugins/linear_attention: CUDA kernel (kernel.cu), TensorRT binding (binding.py), README."""

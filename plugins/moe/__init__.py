@@ -1,0 +1,1 @@
+"""plugins/moe: CUDA kernel (kernel.cu), TensorRT binding (binding.py), README."""
