@@ -38,11 +38,12 @@ class Trt:
         return builder.create_network(flag)
 
     def compute_capabilities(self, names: list[str] | None):
-        """ComputeCapability values for an ahead-of-time build ('SM80', ...); [] for full TensorRT."""
+        """ComputeCapability values for an ahead-of-time build ('SM80', ..., or 'CURRENT': the GPU this
+        process sees); [] for full TensorRT, which always builds for the GPU it runs on."""
         if not self.ahead_of_time:
             return []
         names = names or ["SM80", "SM89", "SM120"]
-        known = [n for n in dir(self.trt.ComputeCapability) if n.startswith("SM")]
+        known = [n for n in dir(self.trt.ComputeCapability) if n.startswith("SM") or n == "CURRENT"]
         bad = [n for n in names if n not in known]
         if bad:
             raise InputError(f"--compute-capability {bad[0]}: {self.flavour} {self.version} targets {', '.join(known)}")

@@ -104,6 +104,15 @@ class ReferencePart:
         return OrderedDict((n, np.ascontiguousarray(o.float().numpy())) for n, o in zip(names, outs))
 
 
+def input_metadata(ports: list[dict]) -> TensorMetadata:
+    """polygraphy's view of a graph's inputs (it feeds each runner only the inputs listed here)."""
+    meta = TensorMetadata()
+    for p in ports:
+        dtype = {"int64": np.int64, "float16": np.float16}.get(p["dtype"], np.float32)
+        meta.add(p["name"], dtype=DataType.from_dtype(np.dtype(dtype)), shape=[d if isinstance(d, int) else None for d in p["shape"]])
+    return meta
+
+
 class ReferenceRunner(BaseRunner):
     """polygraphy runner over a ReferencePart, so its results are RunResults like any backend's."""
 
@@ -115,11 +124,7 @@ class ReferenceRunner(BaseRunner):
         pass
 
     def get_input_metadata_impl(self):
-        meta = TensorMetadata()
-        for p in self.part.record["inputs"]:
-            dtype = np.int64 if p["dtype"] == "int64" else np.float32
-            meta.add(p["name"], dtype=DataType.from_dtype(np.dtype(dtype)), shape=[d if isinstance(d, int) else None for d in p["shape"]])
-        return meta
+        return input_metadata(self.part.record["inputs"])
 
     def infer_impl(self, feed_dict):
         start = time.time()

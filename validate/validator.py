@@ -22,7 +22,7 @@ from qwen3next_trt.errors import InputError
 
 from .inputs import feeds_for
 from .layered import LayeredModel
-from .reference import ReferencePart, ReferenceRunner, weight_source
+from .reference import ReferencePart, ReferenceRunner, input_metadata, weight_source
 
 # Tolerances (see NOTES.md for the measurements behind the 16-bit ones). fp32: absolute, as the
 # issue fixes them. 16-bit: relative to the output's largest magnitude, since the error scales with
@@ -96,7 +96,7 @@ def _onnxrt_session(path):
 class SessionRunner:
     """A polygraphy runner over anything with `run(None, feeds)` (here: TensorRT engine sessions)."""
 
-    def __new__(cls, session, outputs: list[str], name: str):
+    def __new__(cls, session, inputs: list[dict], outputs: list[str], name: str):
         from polygraphy.backend.base import BaseRunner
 
         class _Runner(BaseRunner):
@@ -104,9 +104,7 @@ class SessionRunner:
                 pass
 
             def get_input_metadata_impl(self):
-                from polygraphy.common import TensorMetadata
-
-                return TensorMetadata()
+                return input_metadata(inputs)
 
             def infer_impl(self, feed_dict):
                 start = time.time()
@@ -146,6 +144,7 @@ class Validator:
         self.backends = ["onnxrt"] if backend == "onnxrt" else (["tensorrt"] if bf16 else ["onnxrt", "tensorrt"])
         self.engines = Path(engines) if engines else None
         self.backend, self.model_override, self.generate = backend, model, generate
+        self.notes: list[str] = []
         self.report_dir = Path(report_dir) if report_dir else self.dir / "validation"
         self.progress = progress
         self.tol = TOLERANCES[self.manifest["dtype"]]
@@ -176,6 +175,7 @@ class Validator:
                           f"max abs {worst:.2e}  {time.time() - t:5.1f} s")
             del part
         report.end_to_end.update(self._end_to_end(report))
+        report.notes = self.notes + report.notes
         report.seconds = time.time() - t0
         self._write(report)
         return report
@@ -185,7 +185,10 @@ class Validator:
             return _onnxrt_session(self.dir / rec["file"])
         from qwen3next_trt.engines.runtime import EngineSession
 
-        return EngineSession(self.engines / f"{rec['name']}.engine")
+        path = self.engines / f"{rec['name']}.engine"
+        if not path.is_file():
+            raise LookupError(f"no engine {path.name} in {self.engines}")
+        return EngineSession(path)
 
     def _compare_graph(self, rec: dict, part: ReferencePart) -> list[Row]:
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -195,16 +198,22 @@ class Validator:
         kind = "end_to_end" if rec["kind"] == "model" else "layer"
         outputs = [o["name"] for o in rec["outputs"]]
         runners = [ReferenceRunner(part, name="pytorch")]
+        backends = []
         for backend in self.backends:
             if backend == "onnxrt":
                 runners.append(OnnxrtRunner(SessionFromOnnx(str(self.dir / rec["file"]), providers=["cpu"]), name="onnxrt"))
             else:
-                runners.append(SessionRunner(self._session(backend, rec), outputs, name=backend))
+                try:
+                    runners.append(SessionRunner(self._session(backend, rec), rec["inputs"], outputs, name=backend))
+                except LookupError as e:
+                    self.notes.append(f"{rec['name']}: {backend} not compared: {e}")
+                    continue
+            backends.append(backend)
         results = Comparator.run(runners, data_loader=[f for _, f in feeds])
         results.save(str(self.report_dir / f"{rec['name']}.runresults.json"))
         ref_iters = results[0][1]
         rows = []
-        for backend, (_, got_iters) in zip(self.backends, list(results)[1:]):
+        for backend, (_, got_iters) in zip(backends, list(results)[1:]):
             atol = {}
             mine = []
             for (label, _), ref_it, got_it in zip(feeds, ref_iters, got_iters):
@@ -215,7 +224,7 @@ class Validator:
                     mine.append(Row(backend, rec["name"], label, name, max_abs, max_rel, cos, ref_max, tol, max_abs <= tol))
             # polygraphy's own verdict with the same thresholds (absolute, per output)
             verdict = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0, check_error_stat="max"),
-                                                  comparisons=[(0, 1 + self.backends.index(backend))])
+                                                  comparisons=[(0, 1 + backends.index(backend))])
             for it_index, it_result in enumerate(verdict[0][("pytorch", backend)]):
                 for name, out_result in it_result.items():
                     for row in mine:
