@@ -19,7 +19,7 @@ enum Q3nStatus : int {
     Q3N_ERR_NULL_POINTER = -1,    // a required pointer is NULL
     Q3N_ERR_BAD_SHAPE = -2,       // a size is negative / zero where it must be positive, or sizes disagree
     Q3N_ERR_BAD_DTYPE = -3,       // dtype code is not 0 (float32), 1 (float16) or 2 (bfloat16)
-    Q3N_ERR_BAD_ATTRIBUTE = -4,   // activation, top_k or normalize out of range
+    Q3N_ERR_BAD_ATTRIBUTE = -4,   // activation or top_k out of range
     Q3N_ERR_UNSUPPORTED = -5,     // a size is beyond this implementation's limits (see the op's README)
     Q3N_ERR_WORKSPACE = -6,       // workspace NULL, too small, or not 16-byte aligned
 };

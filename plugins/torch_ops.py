@@ -26,7 +26,7 @@ STATUS_NAMES = {
     -1: "Q3N_ERR_NULL_POINTER (a required pointer is NULL)",
     -2: "Q3N_ERR_BAD_SHAPE (a size is out of range or sizes disagree)",
     -3: "Q3N_ERR_BAD_DTYPE (dtype code not 0/1/2)",
-    -4: "Q3N_ERR_BAD_ATTRIBUTE (activation, top_k or normalize out of range)",
+    -4: "Q3N_ERR_BAD_ATTRIBUTE (activation or top_k out of range)",
     -5: "Q3N_ERR_UNSUPPORTED (a size beyond the kernel's limits, see the op's README)",
     -6: "Q3N_ERR_WORKSPACE (workspace NULL, too small or not 16-byte aligned)",
 }

@@ -223,10 +223,9 @@ __global__ void fc2_combine_kernel(W fc2, const T* __restrict__ fc2_bias, const 
 // ------------------------------------------------------------------------------------------------
 
 int check_moe_args(const void* x, const void* router_logits, const void* fc1, const void* fc2, void* out, int tokens,
-                   int hidden, int inter, int experts, int top_k, int normalize, int dtype, void* workspace,
-                   size_t workspace_bytes) {
+                   int hidden, int inter, int experts, int top_k, int dtype, void* workspace, size_t workspace_bytes) {
     if (tokens < 0 || hidden <= 0 || inter <= 0 || experts <= 0) return Q3N_ERR_BAD_SHAPE;
-    if (top_k <= 0 || top_k > experts || (normalize != 0 && normalize != 1)) return Q3N_ERR_BAD_ATTRIBUTE;
+    if (top_k <= 0 || top_k > experts) return Q3N_ERR_BAD_ATTRIBUTE;
     if (dtype < Q3N_FLOAT32 || dtype > Q3N_BFLOAT16) return Q3N_ERR_BAD_DTYPE;
     if (experts > kMaxExperts || (inter + kWarpsPerBlock - 1) / kWarpsPerBlock > kMaxGridY ||
         (hidden + kWarpsPerBlock - 1) / kWarpsPerBlock > kMaxGridY || (int64_t)tokens * top_k > INT_MAX)
@@ -290,8 +289,8 @@ Q3N_API size_t q3n_moe_workspace_size(int tokens, int experts, int top_k, int hi
 Q3N_API int q3n_moe(const void* x, const void* router_logits, const void* fc1, const void* fc1_bias, const void* fc2,
                     const void* fc2_bias, void* out, int tokens, int hidden, int inter, int experts, int top_k,
                     int normalize, int dtype, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    const int status = check_moe_args(x, router_logits, fc1, fc2, out, tokens, hidden, inter, experts, top_k, normalize,
-                                      dtype, workspace, workspace_bytes);
+    const int status = check_moe_args(x, router_logits, fc1, fc2, out, tokens, hidden, inter, experts, top_k, dtype,
+                                      workspace, workspace_bytes);
     if (status != Q3N_OK || tokens == 0) return status;
     Q3N_DISPATCH_DTYPE(dtype, launch_dense, x, router_logits, fc1, fc1_bias, fc2, fc2_bias, out, tokens, hidden, inter,
                        experts, top_k, normalize, workspace, stream);
@@ -301,8 +300,8 @@ Q3N_API int q3n_moe_fp8(const void* x, const void* router_logits, const unsigned
                         const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden, int inter,
                         int experts, int top_k, int normalize, int dtype, void* workspace, size_t workspace_bytes,
                         cudaStream_t stream) {
-    const int status = check_moe_args(x, router_logits, fc1, fc2, out, tokens, hidden, inter, experts, top_k, normalize,
-                                      dtype, workspace, workspace_bytes);
+    const int status = check_moe_args(x, router_logits, fc1, fc2, out, tokens, hidden, inter, experts, top_k, dtype,
+                                      workspace, workspace_bytes);
     if (status != Q3N_OK || tokens == 0) return status;
     if (!scale1 || !scale2) return Q3N_ERR_NULL_POINTER;
     Q3N_DISPATCH_DTYPE(dtype, launch_fp8, x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden, inter,
