@@ -72,6 +72,8 @@ def parse_selection(spec: str | None, n_layers: int, has_mtp: bool, small: bool)
                 sel.layers += range(n_layers)
             elif "-" in token:
                 a, b = (int(x) for x in token.split("-"))
+                if a > b:
+                    raise InputError(f"--layers {spec!r}: range {token!r} is reversed: expected a-b with a <= b")
                 sel.layers += range(a, b + 1)
             else:
                 sel.layers.append(int(token))
@@ -85,6 +87,8 @@ def parse_selection(spec: str | None, n_layers: int, has_mtp: bool, small: bool)
     if sel.model and not small:
         raise InputError(f"--layers {spec!r}: the stitched whole-model graph is only for small models (< {STITCHED_MAX_BYTES >> 20} MiB of weights)")
     sel.layers = sorted(set(sel.layers))
+    if not (sel.layers or sel.embed or sel.final or sel.mtp or sel.model):
+        raise InputError(f"--layers {spec!r}: selects no graph")
     return sel
 
 

@@ -2,7 +2,6 @@
 (the reference the validator runs stays correct), exports, and asserts that validation fails on
 the graphs the bug touches and passes elsewhere."""
 
-import pytest
 import torch
 
 from qwen3next_trt.export import custom_ops

@@ -65,7 +65,8 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.rows) and all(v.get("passed", True) for v in self.end_to_end.values())
+        # nothing compared is not a pass
+        return bool(self.rows) and all(r.passed for r in self.rows) and all(v.get("passed", True) for v in self.end_to_end.values())
 
     def to_dict(self):
         return {**asdict(self), "passed": self.passed}
@@ -148,6 +149,7 @@ class Validator:
         self.report_dir = Path(report_dir) if report_dir else self.dir / "validation"
         self.progress = progress
         self.tol = TOLERANCES[self.manifest["dtype"]]
+        check_files(self.dir, self.manifest)
         self.source = weight_source(self.manifest, model)
 
     def run(self) -> Report:
@@ -277,6 +279,24 @@ class Validator:
         tmp.write_text(json.dumps(report.to_dict(), indent=2))
         os.replace(tmp, path)
         plot_errors(report, self.report_dir / "per_layer_error.png")
+
+
+def check_files(onnx_dir: Path, manifest: dict):
+    """Every graph and weights file the manifest names exists, and each graph's inputs and outputs
+    are the ones the manifest lists (a swapped or foreign file is an error before anything runs)."""
+    import onnx
+
+    if not manifest.get("graphs"):
+        raise InputError(f"{onnx_dir / 'manifest.json'}: lists no graphs")
+    for g in manifest["graphs"]:
+        for name in (g["file"], g["weights"]):
+            if not (onnx_dir / name).is_file():
+                raise InputError(f"{onnx_dir / name}: missing (named by manifest.json for graph {g['name']})")
+        model = onnx.load(str(onnx_dir / g["file"]), load_external_data=False)
+        have = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+        want = ([p["name"] for p in g["inputs"]], [p["name"] for p in g["outputs"]])
+        if have != want:
+            raise InputError(f"{onnx_dir / g['file']}: inputs/outputs {have} do not match manifest graph {g['name']} {want}")
 
 
 def _seed(name: str) -> int:
