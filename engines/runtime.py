@@ -77,6 +77,8 @@ class EngineSession:
             self._check_shape(name, array.shape)
             # numpy has no bfloat16: such inputs arrive as float32 and are cast to what the engine wants
             t = torch.from_numpy(array).cuda().to(_torch_dtype(trt, self.engine.get_tensor_dtype(name)))
+            if t.numel() == 0:  # an empty past (fresh sequence): TensorRT still wants a valid address
+                t = torch.empty(1, dtype=t.dtype, device="cuda")
             keep.append(t)
             self.context.set_input_shape(name, tuple(array.shape))
             self.context.set_tensor_address(name, t.data_ptr())
