@@ -161,3 +161,26 @@ def test_engines_run_where_tensorrt_supports_the_gpu(tiny_export, engines):
         pytest.skip("TensorRT-RTX does not run on SM90 (Hopper); full TensorRT is needed there")
     report = Validator(tiny_export, backend="tensorrt", engines=engines, progress=lambda m: None).run()
     assert report.passed
+
+
+def test_engine_from_another_tensorrt_version_is_refused(engines, tmp_path):
+    from qwen3next_trt.engines.runtime import EngineSession
+    from qwen3next_trt.errors import InputError
+
+    shutil.copy(engines / "embed.engine", tmp_path / "embed.engine")
+    meta = metadata(engines, "embed")
+    meta["tensorrt"]["version"] = "0.0.1"
+    (tmp_path / "embed.engine.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="built by tensorrt_rtx 0.0.1"):
+        EngineSession(tmp_path / "embed.engine")
+
+
+def test_input_outside_the_profile_is_refused(engines):
+    from qwen3next_trt.engines.runtime import EngineSession
+    from qwen3next_trt.errors import InputError
+
+    session = EngineSession.__new__(EngineSession)  # the shape check needs no GPU
+    session.path, session.profile = engines / "layer_03.decode.engine", metadata(engines, "layer_03.decode")["profiles"][0]
+    session._check_shape("past_key", (2, 2, 100, 32))
+    with pytest.raises(InputError, match="'past_key' axis 2 = 5000 is outside"):
+        session._check_shape("past_key", (2, 2, 5000, 32))
