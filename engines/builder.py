@@ -131,8 +131,15 @@ class EngineBuilder:
             raise InputError(f"--opt-level {optimization_level}: expected 0..5")
         self.optimization_level, self.force, self.progress = optimization_level, force, progress
         self.T = trt_adapter.load(flavour)
+        fp8 = self.manifest.get("weights_precision", {}).get("format") == "float8e4m3fn"
+        if self.T.ahead_of_time and compute_capabilities is None:
+            # FP8 needs FP8 tensor cores: Ada (SM89) and newer; Ampere cannot run such an engine
+            compute_capabilities = ["SM89", "SM120"] if fp8 else ["SM80", "SM89", "SM120"]
+        if fp8 and "SM80" in (compute_capabilities or []) or fp8 and "SM86" in (compute_capabilities or []):
+            raise InputError(f"--compute-capability {','.join(compute_capabilities)}: this export has FP8 weights, "
+                             "which SM80/SM86 (Ampere) cannot run; use SM89 or newer")
         self.ccs = self.T.compute_capabilities(compute_capabilities)
-        self.cc_names = compute_capabilities or (["SM80", "SM89", "SM120"] if self.T.ahead_of_time else [])
+        self.cc_names = compute_capabilities or []
         from qwen3next_trt.plugins import bindings
         from qwen3next_trt.plugins.build import source_hash
 
@@ -251,7 +258,8 @@ class EngineBuilder:
             meta, built = self.build_one(record, weights_sha[w], timing_cache)
             results.append(meta)
             status = "built" if built else "up to date"
-            plugins = ",".join(t for t in meta["plugin_layers"]) or "-"
+            names = meta["plugin_layers"]
+            plugins = ", ".join(f"{n}" + (f" x{names.count(n)}" if names.count(n) > 1 else "") for n in sorted(set(names))) or "-"
             self.progress(f"[build] {i}/{len(self.graphs)} {record['name']:<18} {status:<10} {len(meta['layers']):>4} layers  "
                           f"{meta['engine_bytes'] / 2**20:8.1f} MiB  {time.time() - t0:6.1f} s  plugins: {plugins}")
         serialized = timing_cache.serialize()

@@ -23,6 +23,7 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
+from qwen3next_trt.model.fp8 import FP8Weight
 from qwen3next_trt.model.modeling_qwen3_next import (
     Kernels,
     causal_conv1d_with_state,
@@ -75,6 +76,16 @@ def moe_op(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1_
 @moe_op.register_fake
 def _(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize_routing_weights):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("qwen3next::dequantize_fp8", mutates_args=())
+def dequantize_fp8_op(x: torch.Tensor, row_scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    return FP8Weight(x, row_scale, block_size).dequantize().to(row_scale.dtype)
+
+
+@dequantize_fp8_op.register_fake
+def _(x, row_scale, block_size):
+    return torch.empty(x.shape, dtype=row_scale.dtype, device=x.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +151,15 @@ def _moe_onnx(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k: int, normalize_
                    activation_alpha=1.0, activation_beta=0.0)
 
 
+def _dequantize_fp8_onnx(x, row_scale, block_size: int):
+    # Blocked DequantizeLinear (opset 21+) along the last axis; the scale has x's rank.
+    from onnxscript import opset23
+
+    return opset23.DequantizeLinear(x, row_scale, axis=-1, block_size=block_size)
+
+
 TRANSLATION_TABLE = {
+    torch.ops.qwen3next.dequantize_fp8.default: _dequantize_fp8_onnx,
     torch.ops.qwen3next.causal_conv_with_state.default: _conv_onnx,
     torch.ops.qwen3next.linear_attention.default: _linear_attention_onnx,
     torch.ops.qwen3next.moe.default: _moe_onnx,

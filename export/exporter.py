@@ -26,7 +26,8 @@ import torch
 import qwen3next_trt
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.model.config import LINEAR_ATTENTION
-from qwen3next_trt.model.loader import WeightSource
+from qwen3next_trt.model.fp8 import SCHEMES, WeightQuantizer
+from qwen3next_trt.model.loader import WeightSource, layer_prefix
 from qwen3next_trt.model.stats import model_stats
 
 from . import graphs as G
@@ -38,6 +39,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "qwen3next-trt/manifest"
 MANIFEST_VERSION = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("none", "fp8")  # fp8: FP8 (E4M3) weights, dequantised in the graph
 STITCHED_MAX_BYTES = 1 << 30  # the whole-model graph only for small models
 EXAMPLE_SIZES = {"batch": 2, "seq": 5, "past": 3}  # distinct, > 1: torch.export specialises 0 and 1
 
@@ -157,12 +159,18 @@ def _ports_record(ports: list[G.Port], actual: list[dict]) -> list[dict]:
 
 class Exporter:
     def __init__(self, model: str, out_dir: str | Path, dtype: str = "fp32", layers: str | None = None,
-                 max_positions: int | None = None, seed: int = 0, force: bool = False, progress=print):
+                 max_positions: int | None = None, seed: int = 0, force: bool = False, precision: str = "none",
+                 fp8_scheme: str = "block", progress=print):
         if dtype not in DTYPES:
             raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        if precision not in PRECISIONS:
+            raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if fp8_scheme not in SCHEMES:
+            raise InputError(f"--fp8-weights {fp8_scheme!r}: expected one of {', '.join(SCHEMES)}")
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.source = WeightSource(model, seed=seed, dtype=self.dtype)
         self.config = cfg = self.source.config
+        self.quantizer = WeightQuantizer(fp8_scheme, self.source.reader) if precision == "fp8" else None
         self.out_dir = Path(out_dir)
         small = model_stats(cfg).bf16_bytes < STITCHED_MAX_BYTES
         self.selection = parse_selection(layers, cfg.num_hidden_layers, cfg.num_mtp_layers > 0, small)
@@ -212,18 +220,19 @@ class Exporter:
             yield "embed", lambda: G.EmbedGraph(src.embedding(), self.dtype), "embed", ("any",), None, None, False
         for i in sel.layers:
             t = cfg.layer_types[i]
-            yield (f"layer_{i:02d}", lambda i=i, t=t: G.LayerGraph(src.layer(i), cfg, None if t == LINEAR_ATTENTION else rope(), self.dtype),
+            yield (f"layer_{i:02d}", lambda i=i, t=t: G.LayerGraph(src.layer(i), cfg, None if t == LINEAR_ATTENTION else rope(), self.dtype,
+                                                                  self.quantizer, layer_prefix(i, cfg)),
                    t, ("prefill", "decode"), i, t, cfg.is_moe_layer(i))
         if sel.final:
             yield "final", lambda: G.FinalGraph(src.final_norm(), src.lm_head(), self.dtype), "final", ("any",), None, None, False
             yield "lm_head", lambda: G.LMHeadGraph(src.lm_head(), self.dtype), "lm_head", ("any",), None, None, False
         if sel.mtp:
-            yield ("mtp", lambda: G.MTPGraph(src.mtp(), cfg, rope(), self.dtype), "mtp", ("prefill", "decode"),
+            yield ("mtp", lambda: G.MTPGraph(src.mtp(), cfg, rope(), self.dtype, self.quantizer), "mtp", ("prefill", "decode"),
                    cfg.num_hidden_layers, "full_attention", cfg.num_experts > 0)
         if sel.model:
             def whole():
                 model = src.whole_model(with_mtp=False)
-                return G.ModelGraph(model, rope(), self.dtype)
+                return G.ModelGraph(model, rope(), self.dtype, self.quantizer)
             yield "model", whole, "model", ("prefill", "decode"), None, None, False
 
     def run(self) -> dict:
@@ -266,6 +275,7 @@ class Exporter:
             "source": self.source.describe(),
             "config": cfg,
             "dtype": self.dtype_name,
+            "weights_precision": self.quantizer.describe() if self.quantizer else {"format": self.dtype_name},
             "opsets": {"ai.onnx": OPSET, MS_DOMAIN: 1},
             "custom_ops": {op: {"domain": MS_DOMAIN, "version": v} for op, v in CUSTOM_OPS.items()},
             "max_positions": self.max_positions,

@@ -31,6 +31,8 @@ from qwen3next_trt.model.modeling_qwen3_next import (
     rope_inverse_frequencies,
 )
 
+from qwen3next_trt.model.fp8 import FP8Weight, WeightQuantizer, is_quantized
+
 from .custom_ops import export_kernels, stack_experts
 
 ACTIVATION, STATE_IN, STATE_OUT, POSITION, TOKENS = "activation", "state-in", "state-out", "position", "tokens"
@@ -65,30 +67,81 @@ class RopeCache(nn.Module):
         return rotate
 
 
-class _WithExperts(nn.Module):
-    """Holds the stacked expert tensors of the MoE blocks it wraps as buffers (-> initializers)."""
+class FP8Linear(nn.Module):
+    """A linear layer whose weight is stored as FP8 + scales: traced as float8e4m3fn initializer ->
+    DequantizeLinear -> MatMul, so the weight bytes in the ONNX file are the FP8 ones."""
 
-    def __init__(self):
+    def __init__(self, weight: FP8Weight, bias: torch.Tensor | None, dtype):
         super().__init__()
-        self._expert_slots: dict[int, str] = {}
+        self.register_buffer("weight_fp8", weight.fp8)
+        self.register_buffer("weight_scale", weight.row_scale.to(dtype))
+        self.block = weight.block
+        self.bias = bias
+
+    def forward(self, x):
+        w = torch.ops.qwen3next.dequantize_fp8(self.weight_fp8, self.weight_scale, self.block)
+        return nn.functional.linear(x, w.to(x.dtype), self.bias)
+
+
+def quantize_linears_(module: nn.Module, prefix: str, quantizer: WeightQuantizer, dtype):
+    """Swap every linear whose weight the FP8 scheme stores in FP8 for an FP8Linear, in place."""
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            full = f"{prefix}{name + '.' if name else ''}{attr}.weight"
+            if isinstance(sub, nn.Linear) and is_quantized(full):
+                setattr(child, attr, FP8Linear(quantizer(full, sub.weight.detach()), sub.bias, dtype))
+    return module
+
+
+def _interleave_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """[E, I, ...] x 2 -> [E, 2I, ...] with rows gate_0, up_0, gate_1, up_1, ..."""
+    return torch.stack([gate, up], dim=2).reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:])
+
+
+class _WithExperts(nn.Module):
+    """Holds the stacked expert tensors of the MoE blocks it wraps as buffers (-> initializers);
+    in FP8 exports those are FP8 + scales, dequantised in the graph in front of the MoE node."""
+
+    def __init__(self, quantizer: WeightQuantizer | None = None, dtype=torch.float32):
+        super().__init__()
+        self._expert_slots: dict[int, tuple[str, int | None]] = {}
+        self.quantizer, self.dtype = quantizer, dtype
         self.kernels = export_kernels(self._moe_weights)
 
-    def _add_experts(self, block: nn.Module, slot: str):
+    def _add_experts(self, block: nn.Module, slot: str, prefix: str = ""):
         if not isinstance(block, Qwen3NextSparseMoeBlock):
             return
-        fc1, fc2 = stack_experts(block)
+        block_size = None
+        if self.quantizer is None:
+            fc1, fc2 = stack_experts(block)
+        else:
+            q = lambda e, kind: self.quantizer(f"{prefix}mlp.experts.{e}.{kind}.weight", getattr(block.experts[e], kind).weight.detach())  # noqa: E731
+            n = len(block.experts)
+            gate, up, down = ([q(e, kind) for e in range(n)] for kind in ("gate_proj", "up_proj", "down_proj"))
+            block_size = gate[0].block
+            if any(w.block != block_size for w in gate + up + down):
+                raise ValueError(f"{prefix}mlp.experts: FP8 weights with different block sizes")
+            fc1 = _interleave_rows(torch.stack([w.fp8 for w in gate]), torch.stack([w.fp8 for w in up]))
+            fc2 = torch.stack([w.fp8 for w in down])
+            self.register_buffer(f"{slot}_fc1_scale", _interleave_rows(torch.stack([w.row_scale for w in gate]),
+                                                                        torch.stack([w.row_scale for w in up])).to(self.dtype))
+            self.register_buffer(f"{slot}_fc2_scale", torch.stack([w.row_scale for w in down]).to(self.dtype))
         self.register_buffer(f"{slot}_fc1", fc1)
-        self.register_buffer(f"{slot}_fc1_bias", fc1.new_zeros(fc1.shape[:2]))
+        self.register_buffer(f"{slot}_fc1_bias", torch.zeros(fc1.shape[:2], dtype=self.dtype))
         self.register_buffer(f"{slot}_fc2", fc2)
-        self.register_buffer(f"{slot}_fc2_bias", fc2.new_zeros(fc2.shape[:2]))
-        self._expert_slots[id(block)] = slot
+        self.register_buffer(f"{slot}_fc2_bias", torch.zeros(fc2.shape[:2], dtype=self.dtype))
+        self._expert_slots[id(block)] = (slot, block_size)
         # The per-expert modules are not used by the traced graph: drop them so they are not
         # lifted as (unused) inputs, and the 80B layer's expert weights are not held twice.
         block.experts = nn.ModuleList()
 
     def _moe_weights(self, block):
-        slot = self._expert_slots[id(block)]
-        return tuple(getattr(self, f"{slot}_{n}") for n in ("fc1", "fc1_bias", "fc2", "fc2_bias"))
+        slot, block_size = self._expert_slots[id(block)]
+        fc1, fc1_bias, fc2, fc2_bias = (getattr(self, f"{slot}_{n}") for n in ("fc1", "fc1_bias", "fc2", "fc2_bias"))
+        if block_size is not None:
+            fc1 = torch.ops.qwen3next.dequantize_fp8(fc1, getattr(self, f"{slot}_fc1_scale"), block_size)
+            fc2 = torch.ops.qwen3next.dequantize_fp8(fc2, getattr(self, f"{slot}_fc2_scale"), block_size)
+        return fc1, fc1_bias, fc2, fc2_bias
 
 
 def _state_ports(config: Qwen3NextConfig, layer_type: str, tag: str, dtype, batch="batch", past="past"):
@@ -111,13 +164,16 @@ def _state_ports(config: Qwen3NextConfig, layer_type: str, tag: str, dtype, batc
 class LayerGraph(_WithExperts):
     """A decoder layer (or the MTP layer's decoder block) with its state as inputs and outputs."""
 
-    def __init__(self, layer: Qwen3NextDecoderLayer, config: Qwen3NextConfig, rope: RopeCache | None, dtype):
-        super().__init__()
+    def __init__(self, layer: Qwen3NextDecoderLayer, config: Qwen3NextConfig, rope: RopeCache | None, dtype,
+                 quantizer: WeightQuantizer | None = None, prefix: str = ""):
+        super().__init__(quantizer, dtype)
         self.layer = layer
         self.rope = rope
         self.linear = layer.layer_type == LINEAR_ATTENTION
         self.fixed_args = 1
-        self._add_experts(layer.mlp, "experts")
+        self._add_experts(layer.mlp, "experts", prefix)
+        if quantizer is not None:
+            quantize_linears_(layer, prefix, quantizer, dtype)
         H = config.hidden_size
         state_in, state_out = _state_ports(config, layer.layer_type, "", dtype)
         position = [] if self.linear else [Port("position_ids", POSITION, ["batch", "seq"], torch.int64)]
@@ -172,10 +228,13 @@ class LMHeadGraph(nn.Module):
 
 
 class MTPGraph(_WithExperts):
-    def __init__(self, mtp: nn.Module, config: Qwen3NextConfig, rope: RopeCache, dtype):
-        super().__init__()
+    def __init__(self, mtp: nn.Module, config: Qwen3NextConfig, rope: RopeCache, dtype,
+                 quantizer: WeightQuantizer | None = None):
+        super().__init__(quantizer, dtype)
         self.mtp, self.rope = mtp, rope
-        self._add_experts(mtp.layers[0].mlp, "experts")
+        self._add_experts(mtp.layers[0].mlp, "experts", "mtp.layers.0.")
+        if quantizer is not None:
+            quantize_linears_(mtp, "mtp.", quantizer, dtype)
         H = config.hidden_size
         state_in, state_out = _state_ports(config, "full_attention", "", dtype)
         self.inputs = [Port("next_embeds", ACTIVATION, ["batch", "seq", H], dtype),
@@ -192,13 +251,15 @@ class MTPGraph(_WithExperts):
 class ModelGraph(_WithExperts):
     """The whole main model in one graph (small models): every layer's state in and out."""
 
-    def __init__(self, model: nn.Module, rope: RopeCache, dtype):
-        super().__init__()
+    def __init__(self, model: nn.Module, rope: RopeCache, dtype, quantizer: WeightQuantizer | None = None):
+        super().__init__(quantizer, dtype)
         self.model, self.rope = model, rope
         self.fixed_args = 2
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
-            self._add_experts(layer.mlp, f"layer_{i:02d}_experts")
+            self._add_experts(layer.mlp, f"layer_{i:02d}_experts", f"model.layers.{i}.")
+        if quantizer is not None:
+            quantize_linears_(model, "", quantizer, dtype)
         self.layer_types = list(cfg.layer_types)
         self.inputs = [Port("input_ids", TOKENS, ["batch", "seq"], torch.int64),
                        Port("position_ids", POSITION, ["batch", "seq"], torch.int64)]

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from qwen3next_trt.errors import InputError
 
 from .config import Qwen3NextConfig
+from .fp8 import dequantize_blocks
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -170,9 +171,7 @@ class CheckpointReader:
 
 
 def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128)) -> torch.Tensor:
-    rows, cols = w.shape
-    s = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return w.float() * s
+    return dequantize_blocks(w, scale_inv, block)
 
 
 def _damage(f: Path, error: Exception) -> str:

@@ -11,12 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import FULL_ATTENTION, Qwen3NextConfig
+from .fp8 import KEPT_IN_BF16
 from .modeling_qwen3_next import Qwen3NextDecoderLayer, Qwen3NextMTP
-
-# Tensor name fragments the official FP8 checkpoint keeps in BF16 (its modules_to_not_convert, plus
-# the embedding and final norm): everything else that is a 2-D linear weight is stored as FP8.
-KEPT_IN_BF16 = ("norm", "mlp.gate.", "shared_expert_gate", "in_proj_ba", "conv1d", "A_log", "dt_bias", "lm_head",
-                "mtp.fc", "embed_tokens")
 
 
 @dataclass

@@ -114,7 +114,8 @@ def cmd_export(args) -> int:
     from qwen3next_trt.export.exporter import Exporter, summary_table
 
     manifest = Exporter(args.model, args.out, dtype=args.dtype, layers=args.layers, max_positions=args.max_positions,
-                        seed=args.seed, force=args.force, progress=lambda m: print(m, flush=True)).run()
+                        seed=args.seed, force=args.force, precision=args.precision, fp8_scheme=args.fp8_weights,
+                        progress=lambda m: print(m, flush=True)).run()
     print()
     print(summary_table(manifest))
     print(f"wrote {args.out}/manifest.json (backend: torch.onnx dynamo exporter, device cpu)")
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-positions", type=int, help="RoPE table length (default: min(max_position_embeddings, 65536))")
     s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
     s.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
+    s.add_argument("--precision", choices=("none", "fp8"), default="none",
+                   help="fp8: linear weights as FP8 E4M3 + scales (DequantizeLinear in the graph); an FP8 checkpoint's own bytes are kept")
+    s.add_argument("--fp8-weights", choices=("block", "channel"), default="block",
+                   help="how weights of a non-FP8 source are quantised: 128x128 blocks (default) or per output channel")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("validate", help="every exported graph vs the PyTorch reference (polygraphy), and end to end")

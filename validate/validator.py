@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from qwen3next_trt.errors import InputError
+from qwen3next_trt.model.fp8 import fake_quantize_
 
 from .inputs import feeds_for
 from .layered import LayeredModel
-from .reference import ReferencePart, ReferenceRunner, input_metadata, weight_source
+from .reference import ReferencePart, ReferenceRunner, input_metadata, weight_quantizer, weight_source
 
 # Tolerances (see NOTES.md for the measurements behind the 16-bit ones). fp32: absolute, as the
 # issue fixes them. 16-bit: relative to the output's largest magnitude, since the error scales with
@@ -151,6 +152,7 @@ class Validator:
         self.tol = TOLERANCES[self.manifest["dtype"]]
         check_files(self.dir, self.manifest)
         self.source = weight_source(self.manifest, model)
+        self.quantizer = weight_quantizer(self.manifest, self.source)
 
     def run(self) -> Report:
         from polygraphy.logger import G_LOGGER
@@ -169,7 +171,7 @@ class Validator:
             groups.setdefault(g["weights"], []).append(g)
         for i, (weights, records) in enumerate(groups.items(), 1):
             t = time.time()
-            part = ReferencePart(records[0], self.source)
+            part = ReferencePart(records[0], self.source, self.quantizer)
             for rec in records:
                 report.rows += self._compare_graph(rec, part)
             worst = max((r.max_abs for r in report.rows if r.graph in {x["name"] for x in records}), default=0.0)
@@ -258,7 +260,10 @@ class Validator:
                 report.notes.append(f"onnxrt greedy decode not run: {str(e).splitlines()[0][:160]}")
                 continue
             if model is None:
-                model = self.source.whole_model(with_mtp=False).to(torch.float32)
+                model = self.source.whole_model(with_mtp=False)
+                if self.quantizer is not None:
+                    fake_quantize_(model, "", self.quantizer)
+                model = model.to(torch.float32)
             rng = np.random.default_rng(1234)
             vocab = self.manifest["config"]["vocab_size"]
             prompt = rng.integers(0, vocab, (2, 20), dtype=np.int64)

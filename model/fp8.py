@@ -1,0 +1,116 @@
+"""FP8 (E4M3) weights: which linear weights are quantised, and how.
+
+The official Qwen3-Next FP8 checkpoint quantises every linear weight except its
+`modules_to_not_convert` (norms, the router `mlp.gate`, `shared_expert_gate`, `in_proj_ba`, `conv1d`,
+`A_log`, `dt_bias`, `lm_head`, `mtp.fc`; the embedding stays BF16 too), with one float32 scale per
+128x128 block: W = fp8 * scale[i // 128, j // 128].
+
+In ONNX a weight is dequantised by `DequantizeLinear`, whose blocked form runs along one axis only;
+so a 128x128 block scale is written as a per-row, per-128-column scale `row_scale [out, ceil(in/128)]`
+(each block's scale repeated over its 128 rows). The same layout carries per-output-channel scales
+(`[out, 1]` with one block spanning all columns) and survives the interleaving of gate/up rows that
+the MoE op wants (rows move with their scales), so it is the one layout used everywhere below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+SCHEMES = ("block", "channel")
+
+# Name fragments of the linear weights the official FP8 checkpoint keeps in BF16.
+KEPT_IN_BF16 = ("norm", "mlp.gate.", "shared_expert_gate", "in_proj_ba", "conv1d", "A_log", "dt_bias", "lm_head",
+                "mtp.fc", "embed_tokens")
+
+
+def is_quantized(weight_name: str) -> bool:
+    """Whether `weight_name` (a checkpoint tensor name ending in .weight) is stored in FP8 officially."""
+    return weight_name.endswith(".weight") and not any(s in weight_name for s in KEPT_IN_BF16)
+
+
+@dataclass
+class FP8Weight:
+    """fp8 [.., out, in] and row_scale [.., out, ceil(in / block)] float32: W = fp8 * row_scale (per block of columns)."""
+
+    fp8: torch.Tensor
+    row_scale: torch.Tensor
+    block: int  # columns per scale; == in for per-channel scales
+
+    def dequantize(self) -> torch.Tensor:
+        cols = self.fp8.shape[-1]
+        scale = self.row_scale.repeat_interleave(self.block, dim=-1)[..., :cols]
+        return self.fp8.float() * scale
+
+
+def _safe_scale(amax: torch.Tensor) -> torch.Tensor:
+    # an all-zero block keeps scale 1 (any scale reproduces zeros) rather than dividing by 0
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def quantize(w: torch.Tensor, scheme: str = "block") -> FP8Weight:
+    """amax/448 scaling of a 2-D weight: per 128x128 block, or per output channel."""
+    w = w.float()
+    out, cols = w.shape
+    if scheme == "channel":
+        scale = _safe_scale(w.abs().amax(dim=1, keepdim=True))
+        return FP8Weight((w / scale).to(FP8_DTYPE), scale, cols)
+    if scheme != "block":
+        raise ValueError(f"FP8 scheme {scheme!r}: expected one of {SCHEMES}")
+    rb, cb = math.ceil(out / BLOCK), math.ceil(cols / BLOCK)
+    padded = torch.zeros(rb * BLOCK, cb * BLOCK)
+    padded[:out, :cols] = w
+    amax = padded.reshape(rb, BLOCK, cb, BLOCK).abs().amax(dim=(1, 3))
+    return from_block_scales((w / block_scale_per_element(_safe_scale(amax), out, cols)).to(FP8_DTYPE), _safe_scale(amax))
+
+
+def block_scale_per_element(scale: torch.Tensor, out: int, cols: int, block=(BLOCK, BLOCK)) -> torch.Tensor:
+    return scale.repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :cols]
+
+
+def from_block_scales(fp8: torch.Tensor, scale: torch.Tensor, block=(BLOCK, BLOCK)) -> FP8Weight:
+    """An FP8 weight with [ceil(out/b0), ceil(in/b1)] block scales (the checkpoint format), unchanged values."""
+    row_scale = scale.float().repeat_interleave(block[0], 0)[: fp8.shape[0]]
+    return FP8Weight(fp8, row_scale, block[1])
+
+
+def dequantize_blocks(fp8: torch.Tensor, scale: torch.Tensor, block=(BLOCK, BLOCK)) -> torch.Tensor:
+    return fp8.float() * block_scale_per_element(scale.float(), *fp8.shape, block)
+
+
+class WeightQuantizer:
+    """FP8 for a named weight: the checkpoint's own FP8 bytes and scales when it has them (carried over
+    exactly, never re-quantised), else amax/448 quantisation of the float weight by `scheme`."""
+
+    def __init__(self, scheme: str = "block", reader=None):
+        if scheme not in SCHEMES:
+            raise ValueError(f"FP8 scheme {scheme!r}: expected one of {SCHEMES}")
+        self.scheme, self.reader = scheme, reader
+
+    def describe(self) -> dict:
+        carried = self.reader is not None and any(self.reader.is_fp8(n) for n in self.reader.names())
+        return {"format": "float8e4m3fn", "scheme": "checkpoint 128x128 blocks" if carried else self.scheme,
+                "scales": "row_scale [out, ceil(in/block)] float32, DequantizeLinear(axis=-1, block_size=block)",
+                "source": "checkpoint FP8 tensors, exactly" if carried else "quantised by qwen3next-trt (amax/448)"}
+
+    def __call__(self, name: str, weight: torch.Tensor) -> FP8Weight:
+        if self.reader is not None and self.reader.is_fp8(name):
+            fp8, scale = self.reader.get_fp8(name)
+            return from_block_scales(fp8, scale, self.reader.block_size)
+        return quantize(weight, self.scheme)
+
+
+def fake_quantize_(module: torch.nn.Module, prefix: str, quantizer: WeightQuantizer) -> torch.nn.Module:
+    """Replace every FP8-stored linear weight of `module` (names prefix + parameter name) by its
+    dequantised value: the float model that FP8 graphs must reproduce."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            full = prefix + name
+            if p.dim() == 2 and is_quantized(full):
+                p.copy_(quantizer(full, p.detach()).dequantize().to(p.dtype))
+    return module

@@ -1,0 +1,145 @@
+"""FP8 (E4M3) weights: quantisation, the exported graphs (float8 initializers -> DequantizeLinear),
+parity of ONNX Runtime with the fake-quantised PyTorch reference, and an official-format FP8
+checkpoint carried into the graphs byte for byte."""
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+from qwen3next_trt.cli import main
+from qwen3next_trt.export.exporter import Exporter
+from qwen3next_trt.model import load_preset, random_model, save_model
+from qwen3next_trt.model.fp8 import FP8_DTYPE, is_quantized, quantize
+from qwen3next_trt.model.loader import model_tensors
+from qwen3next_trt.validate.validator import Validator
+
+
+def test_block_quantisation_matches_its_definition():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 300, generator=g) * torch.logspace(-3, 1, 300)  # columns of very different scale
+    q = quantize(w, "block")
+    for i in range(0, 200, 128):
+        for j in range(0, 300, 128):
+            block = w[i : i + 128, j : j + 128]
+            scale = block.abs().max() / 448
+            assert torch.equal(q.row_scale[i, j // 128], scale)
+            assert torch.equal(q.fp8[i : i + 128, j : j + 128], (block / scale).to(FP8_DTYPE))
+    err = (q.dequantize() - w).abs()
+    # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 relative, plus the subnormal step near zero
+    bound = 2**-4 * w.abs() + q.row_scale.repeat_interleave(128, 1)[:, :300] * 2**-9
+    assert (err <= bound * (1 + 1e-6)).all()
+
+
+def test_channel_quantisation_matches_its_definition():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+    q = quantize(w, "channel")
+    scale = w.abs().amax(1, keepdim=True) / 448
+    assert torch.equal(q.row_scale, scale) and q.block == 96
+    assert torch.equal(q.fp8, (w / scale).to(FP8_DTYPE))
+
+
+def initializers(path):
+    model = onnx.load(str(path))  # with external data
+    return model, {t.name: t for t in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def fp8_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8") / "onnx"
+    Exporter("tiny", out, layers="0,3,final,mtp", precision="fp8", progress=lambda m: None).run()
+    return out
+
+
+def test_fp8_graphs_hold_float8_weights_and_dequantize_them(fp8_export):
+    manifest = json.loads((fp8_export / "manifest.json").read_text())
+    assert manifest["weights_precision"]["format"] == "float8e4m3fn"
+    for name in ("layer_00.prefill", "layer_03.decode", "mtp.prefill"):
+        model, inits = initializers(fp8_export / f"{name}.onnx")
+        fp8 = [t for t in inits.values() if t.data_type == TensorProto.FLOAT8E4M3FN]
+        dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(fp8) == len(dq) >= 6
+        fp8_bytes = sum(numpy_helper.to_array(t).size for t in fp8)
+        float_big = [t for t in inits.values() if t.data_type == TensorProto.FLOAT and math.prod(t.dims) >= 4096]
+        # what stays float: the router, shared-expert gate, in_proj_ba, conv, RoPE tables, zero biases
+        assert fp8_bytes > 4 * sum(math.prod(t.dims) for t in float_big if "cache" not in t.name)
+        for n in dq:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["axis"] == -1 and attrs["block_size"] == 128
+            assert inits[n.input[0]].data_type == TensorProto.FLOAT8E4M3FN
+
+
+def test_fp8_export_matches_fake_quantised_reference(fp8_export):
+    report = Validator(fp8_export, progress=lambda m: None).run()
+    assert report.passed
+    for row in report.rows:  # issue target: per layer <= 1e-3 relative
+        assert row.max_abs <= 1e-3 * max(row.ref_max, 1.0), row
+
+
+def test_fp8_differs_from_the_float_model(fp8_export, tmp_path):
+    """The reference the FP8 graphs are checked against is really the quantised one."""
+    float_export = tmp_path / "f32"
+    Exporter("tiny", float_export, layers="0", progress=lambda m: None).run()
+    _, a = initializers(fp8_export / "layer_00.decode.onnx")
+    fp8_names = [n for n, t in a.items() if t.data_type == TensorProto.FLOAT8E4M3FN]
+    assert fp8_names  # and the float export has none
+    _, b = initializers(float_export / "layer_00.decode.onnx")
+    assert not [t for t in b.values() if t.data_type == TensorProto.FLOAT8E4M3FN]
+
+
+def write_official_fp8_checkpoint(path, scale_factor=400.0):
+    """An FP8 checkpoint in the official layout, quantised here with scale = amax / 400 (not the
+    exporter's amax / 448), so a re-quantisation could not reproduce its bytes."""
+    cfg = load_preset("tiny")
+    model = random_model(cfg, seed=3, dtype=torch.bfloat16)
+    tensors = {}
+    for name, t in model_tensors(model).items():
+        if t.dim() == 2 and is_quantized(name):
+            w = t.float()
+            rb, cb = math.ceil(w.shape[0] / 128), math.ceil(w.shape[1] / 128)
+            scale = torch.zeros(rb, cb)
+            fp8 = torch.empty(w.shape, dtype=FP8_DTYPE)
+            for i in range(rb):
+                for j in range(cb):
+                    blk = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
+                    scale[i, j] = blk.abs().max() / scale_factor
+                    fp8[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128] = (blk / scale[i, j]).to(FP8_DTYPE)
+            tensors[name], tensors[name + "_scale_inv"] = fp8, scale
+        else:
+            tensors[name] = t
+    save_model(model, path)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(config))
+    return tensors
+
+
+def test_official_fp8_checkpoint_is_carried_exactly(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    tensors = write_official_fp8_checkpoint(ckpt)
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(ckpt), "--out", str(out), "--precision", "fp8", "--layers", "0"]) == 0
+    _, inits = initializers(out / "layer_00.prefill.onnx")
+    want = tensors["model.layers.0.linear_attn.in_proj_qkvz.weight"].view(torch.uint8).numpy()
+    found = [t for t in inits.values() if t.data_type == TensorProto.FLOAT8E4M3FN and tuple(t.dims) == want.shape]
+    assert any(np.array_equal(np.frombuffer(t.raw_data, np.uint8).reshape(want.shape), want) for t in found)
+    assert main(["validate", "--onnx", str(out)]) == 0
+    assert "result: PASS" in capsys.readouterr().out
+
+
+def test_fp8_engines_build_for_fp8_targets(fp8_export, tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "eng"
+    assert main(["build", "--onnx", str(fp8_export), "--out", str(out), "--graphs", "layer_00,layer_03"]) == 0
+    meta = json.loads((out / "layer_00.prefill.engine.json").read_text())
+    assert meta["compute_capabilities"] == ["SM89", "SM120"]
+    assert main(["build", "--onnx", str(fp8_export), "--out", str(out), "--compute-capability", "SM80"]) == 2
+    assert "FP8" in capsys.readouterr().err
