@@ -184,3 +184,16 @@ def test_input_outside_the_profile_is_refused(engines):
     session._check_shape("past_key", (2, 2, 100, 32))
     with pytest.raises(InputError, match="'past_key' axis 2 = 5000 is outside"):
         session._check_shape("past_key", (2, 2, 5000, 32))
+
+
+def test_fp16_export_builds_with_fused_attention(tmp_path):
+    from qwen3next_trt.export.exporter import Exporter
+
+    onnx_dir, out = tmp_path / "onnx", tmp_path / "eng"
+    Exporter("tiny", onnx_dir, dtype="fp16", layers="0,3,final", progress=lambda m: None).run()
+    assert main(["build", "--onnx", str(onnx_dir), "--out", str(out)]) == 0
+    meta = metadata(out, "layer_03.prefill")
+    assert meta["builder"]["float32_attention_decomposed"] == 0  # 16-bit attention uses TensorRT's fused kernel
+    counts, plugins = layer_types(meta)
+    assert counts["ATTENTION_OUTPUT"] == 1 and plugins == ["MoE"]
+    assert layer_types(metadata(out, "layer_00.decode"))[1] == ["CausalConvWithState", "LinearAttention", "MoE"]
