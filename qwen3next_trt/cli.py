@@ -157,6 +157,18 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_quality(args) -> int:
+    from qwen3next_trt.validate.quality import QualityCheck, table
+
+    report = QualityCheck(args.onnx, model=args.model, report_dir=args.report, tokens=args.tokens,
+                          progress=lambda m: print(m, flush=True)).run()
+    print()
+    print(table(report))
+    out = Path(args.report) if args.report else Path(args.onnx) / "quality"
+    print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen3next-trt", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -214,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("inspect", help="engine metadata and layer list")
     s.add_argument("path", help="an .engine file (or its .engine.json) or an engines directory")
     s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("quality", help="FP8 export vs the unquantised reference: per-graph errors, logits KL/top-1/top-5")
+    s.add_argument("--onnx", required=True, help="an export made with --precision fp8")
+    s.add_argument("--model", help="weights to use instead of the manifest's source")
+    s.add_argument("--report", help="report directory (default: ONNX_DIR/quality)")
+    s.add_argument("--tokens", type=int, default=128, help="tokens per sequence for the logit metrics")
+    s.set_defaults(fn=cmd_quality)
 
     s = sub.add_parser("random-checkpoint", help="write a seeded random HF-format checkpoint of a config")
     s.add_argument("--model", required=True, help="preset or checkpoint directory (its config)")

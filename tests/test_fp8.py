@@ -143,3 +143,25 @@ def test_fp8_engines_build_for_fp8_targets(fp8_export, tmp_path, capsys):
     assert meta["compute_capabilities"] == ["SM89", "SM120"]
     assert main(["build", "--onnx", str(fp8_export), "--out", str(out), "--compute-capability", "SM80"]) == 2
     assert "FP8" in capsys.readouterr().err
+
+
+def test_quality_report_measures_what_fp8_changes(fp8_export, tmp_path):
+    from qwen3next_trt.validate.quality import QualityCheck
+
+    report = QualityCheck(fp8_export, report_dir=tmp_path / "q", progress=lambda m: None).run()
+    layer_rows = [r for r in report.rows if r.graph.startswith("layer_") and r.output == "hidden_out"]
+    assert layer_rows and all(1e-4 < r.rel_frobenius < 0.1 and 0.99 < r.cosine < 1.0 for r in layer_rows)
+    final = [r for r in report.rows if r.graph == "final"]
+    assert all(r.rel_frobenius < 1e-5 for r in final)  # norm + lm_head stay unquantised
+    assert (tmp_path / "q" / "quality.json").is_file() and (tmp_path / "q" / "quality.png").is_file()
+
+
+def test_logit_metrics():
+    from qwen3next_trt.validate.quality import logit_metrics
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((50, 40))
+    same = logit_metrics(logits, logits)
+    assert same["kl_mean"] == pytest.approx(0.0, abs=1e-12) and same["top1_agreement"] == 1.0 and same["top5_overlap"] == 1.0
+    other = logit_metrics(logits, rng.standard_normal((50, 40)))
+    assert other["kl_mean"] > 0.1 and other["top1_agreement"] < 0.3 and other["top5_overlap"] < 0.5
