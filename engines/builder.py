@@ -21,6 +21,8 @@ from pathlib import Path
 
 from qwen3next_trt.errors import InputError
 
+from qwen3next_trt.export.manifest import read_manifest
+
 from . import trt as trt_adapter
 
 METADATA_FORMAT = "qwen3next-trt/engine"
@@ -49,19 +51,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def read_manifest(onnx_dir: Path) -> dict:
-    path = onnx_dir / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{path}: not found: expected the output directory of `qwen3next-trt export`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != "qwen3next-trt/manifest":
-        raise InputError(f"{path}: field 'format': expected 'qwen3next-trt/manifest', got {manifest.get('format')!r}")
-    return manifest
 
 
 def select_graphs(manifest: dict, spec: str | None) -> list[dict]:

@@ -32,11 +32,10 @@ from qwen3next_trt.model.stats import model_stats
 
 from . import graphs as G
 from .custom_ops import CUSTOM_OPS, MS_DOMAIN, TRANSLATION_TABLE
+from .manifest import MANIFEST, MANIFEST_FORMAT
 from .onnx_files import check_graph, describe_graph, share_weights
 
 OPSET = 23
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "qwen3next-trt/manifest"
 MANIFEST_VERSION = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = ("none", "fp8")  # fp8: FP8 (E4M3) weights, dequantised in the graph

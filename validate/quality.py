@@ -20,6 +20,8 @@ import torch
 
 from qwen3next_trt.errors import InputError
 
+from qwen3next_trt.export.manifest import read_manifest
+
 from .inputs import feeds_for
 from .layered import LayeredModel
 from .reference import ReferencePart, weight_source
@@ -65,9 +67,7 @@ class QualityCheck:
                  tokens: int = 128, progress=print):
         self.dir = Path(onnx_dir)
         path = self.dir / "manifest.json"
-        if not path.is_file():
-            raise InputError(f"{path}: not found: expected the output directory of `qwen3next-trt export --precision fp8`")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_manifest(self.dir)
         if self.manifest.get("weights_precision", {}).get("format") != "float8e4m3fn":
             raise InputError(f"{path}: not an FP8 export (field 'weights_precision'): export with --precision fp8")
         if self.manifest["dtype"] == "bf16":

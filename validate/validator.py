@@ -21,6 +21,8 @@ import torch
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.model.fp8 import fake_quantize_
 
+from qwen3next_trt.export.manifest import read_manifest
+
 from .inputs import feeds_for
 from .layered import LayeredModel
 from .reference import ReferencePart, ReferenceRunner, input_metadata, weight_quantizer, weight_source
@@ -125,15 +127,8 @@ class Validator:
                  report_dir: str | Path | None = None, generate: int = 24, engines: str | Path | None = None,
                  progress=print):
         self.dir = Path(onnx_dir)
+        self.manifest = read_manifest(self.dir)
         manifest_path = self.dir / "manifest.json"
-        if not manifest_path.is_file():
-            raise InputError(f"{manifest_path}: not found: expected the output directory of `qwen3next-trt export`")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{manifest_path}: not valid JSON ({e})") from None
-        if self.manifest.get("format") != "qwen3next-trt/manifest":
-            raise InputError(f"{manifest_path}: field 'format': expected 'qwen3next-trt/manifest', got {self.manifest.get('format')!r}")
         if backend not in BACKENDS:
             raise InputError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         bf16 = self.manifest.get("dtype") == "bf16"
