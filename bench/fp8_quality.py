@@ -2,8 +2,11 @@
 
     python bench/fp8_quality.py --model out/tiny-trained [--out bench/results/fp8_quality.json]
 
-The FP8 model is the reference with every officially-FP8 linear weight replaced by its dequantised
-FP8 value (the model that `export --precision fp8` graphs compute: the validator holds them to it
+Activation scales: static per-tensor, calibrated on 16 x 256 tokens of stdlib text
+(model/calibration.py: windows of the first 400 source files, which include some held-out files;
+only one maximum per activation is taken from them). The FP8 model is the reference with every officially-FP8 linear
+weight replaced by its dequantised FP8 value (and, in the last row, every such layer's input rounded
+through FP8 with its calibrated scale) (the model that `export --precision fp8` graphs compute: the validator holds them to it
 within 2e-6 on ONNX Runtime). Both 128x128 block scales (the official scheme) and per-channel scales.
 """
 
@@ -20,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from qwen3next_trt.model import load_model
-from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_
+from qwen3next_trt.model.calibration import calibrate, calibration_tokens
+from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_, fake_quantize_activations_
+from qwen3next_trt.model.loader import WeightSource
 from qwen3next_trt.validate.quality import logit_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,18 +53,23 @@ def main():
     base = load_model(args.model, with_mtp=False)
     ppl_ref, logits_ref = evaluate(base, held)
     rows = [{"weights": "float32 (trained)", "perplexity": ppl_ref}]
-    for scheme in ("block", "channel"):
+    source = WeightSource(args.model)
+    scales = calibrate(source, calibration_tokens(16, 256, source.config.vocab_size), progress=lambda m: None)
+    variants = [("block", None), ("channel", None), ("block", scales)]
+    for scheme, act in variants:
         model = fake_quantize_(load_model(args.model, with_mtp=False), "", WeightQuantizer(scheme))
+        if act:
+            fake_quantize_activations_(model, "", act)
         ppl, logits = evaluate(model, held)
         m = logit_metrics(logits_ref, logits)
-        rows.append({"weights": f"FP8 E4M3, {scheme} scales", "perplexity": ppl,
+        rows.append({"weights": f"FP8 E4M3, {scheme} scales" + (" + FP8 activations" if act else ""), "perplexity": ppl,
                      "perplexity_change": ppl / ppl_ref - 1, **m})
     print(f"held-out text: {held.numel():,} bytes of Python stdlib source; 24 windows of 256 tokens")
-    print(f"{'weights':<26}{'perplexity':>11}{'change':>9}{'top-1':>8}{'top-5':>8}{'KL mean':>10}")
+    print(f"{'weights':<44}{'perplexity':>11}{'change':>9}{'top-1':>8}{'top-5':>8}{'KL mean':>10}")
     for r in rows:
         extra = (f"{r['perplexity_change']:>+9.2%}{r['top1_agreement']:>8.1%}{r['top5_overlap']:>8.1%}{r['kl_mean']:>10.2e}"
                  if "kl_mean" in r else "")
-        print(f"{r['weights']:<26}{r['perplexity']:>11.4f}{extra}")
+        print(f"{r['weights']:<44}{r['perplexity']:>11.4f}{extra}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -23,7 +23,7 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
-from qwen3next_trt.model.fp8 import FP8Weight
+from qwen3next_trt.model.fp8 import FP8Weight, fake_quantize_activation
 from qwen3next_trt.model.modeling_qwen3_next import (
     Kernels,
     causal_conv1d_with_state,
@@ -86,6 +86,16 @@ def dequantize_fp8_op(x: torch.Tensor, row_scale: torch.Tensor, block_size: int)
 @dequantize_fp8_op.register_fake
 def _(x, row_scale, block_size):
     return torch.empty(x.shape, dtype=row_scale.dtype, device=x.device)
+
+
+@torch.library.custom_op("qwen3next::fake_quantize_fp8", mutates_args=())
+def fake_quantize_fp8_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return fake_quantize_activation(x, scale)
+
+
+@fake_quantize_fp8_op.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +168,15 @@ def _dequantize_fp8_onnx(x, row_scale, block_size: int):
     return opset23.DequantizeLinear(x, row_scale, axis=-1, block_size=block_size)
 
 
+def _fake_quantize_fp8_onnx(x, scale, zero_point):
+    # Per-tensor QuantizeLinear to float8e4m3fn (the zero point's type; saturating) and back.
+    from onnxscript import opset23
+
+    return opset23.DequantizeLinear(opset23.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+
 TRANSLATION_TABLE = {
+    torch.ops.qwen3next.fake_quantize_fp8.default: _fake_quantize_fp8_onnx,
     torch.ops.qwen3next.dequantize_fp8.default: _dequantize_fp8_onnx,
     torch.ops.qwen3next.causal_conv_with_state.default: _conv_onnx,
     torch.ops.qwen3next.linear_attention.default: _linear_attention_onnx,

@@ -159,13 +159,24 @@ def _ports_record(ports: list[G.Port], actual: list[dict]) -> list[dict]:
 class Exporter:
     def __init__(self, model: str, out_dir: str | Path, dtype: str = "fp32", layers: str | None = None,
                  max_positions: int | None = None, seed: int = 0, force: bool = False, precision: str = "none",
-                 fp8_scheme: str = "block", progress=print):
+                 fp8_scheme: str = "block", activations: str = "none", calib: int = 16, calib_seq: int = 256,
+                 calib_percentile: float | None = None, progress=print):
         if dtype not in DTYPES:
             raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if precision not in PRECISIONS:
             raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         if fp8_scheme not in SCHEMES:
             raise InputError(f"--fp8-weights {fp8_scheme!r}: expected one of {', '.join(SCHEMES)}")
+        if activations not in ("none", "fp8"):
+            raise InputError(f"--activations {activations!r}: expected none or fp8")
+        if activations == "fp8" and precision != "fp8":
+            raise InputError("--activations fp8 needs --precision fp8 (FP8 weights)")
+        if calib < 1 or calib_seq < 2:
+            raise InputError(f"--calib {calib}: expected at least 1 sequence (of >= 2 tokens)")
+        if calib_percentile is not None and not 50 < calib_percentile <= 100:
+            raise InputError(f"--calib-percentile {calib_percentile}: expected a percentile in (50, 100]")
+        self.activations, self.calib = activations, (calib, calib_seq, calib_percentile)
+        self.act_scales: dict[str, float] | None = None
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.source = WeightSource(model, seed=seed, dtype=self.dtype)
         self.config = cfg = self.source.config
@@ -220,18 +231,18 @@ class Exporter:
         for i in sel.layers:
             t = cfg.layer_types[i]
             yield (f"layer_{i:02d}", lambda i=i, t=t: G.LayerGraph(src.layer(i), cfg, None if t == LINEAR_ATTENTION else rope(), self.dtype,
-                                                                  self.quantizer, layer_prefix(i, cfg)),
+                                                                  self.quantizer, layer_prefix(i, cfg), self.act_scales),
                    t, ("prefill", "decode"), i, t, cfg.is_moe_layer(i))
         if sel.final:
             yield "final", lambda: G.FinalGraph(src.final_norm(), src.lm_head(), self.dtype), "final", ("any",), None, None, False
             yield "lm_head", lambda: G.LMHeadGraph(src.lm_head(), self.dtype), "lm_head", ("any",), None, None, False
         if sel.mtp:
-            yield ("mtp", lambda: G.MTPGraph(src.mtp(), cfg, rope(), self.dtype, self.quantizer), "mtp", ("prefill", "decode"),
+            yield ("mtp", lambda: G.MTPGraph(src.mtp(), cfg, rope(), self.dtype, self.quantizer, self.act_scales), "mtp", ("prefill", "decode"),
                    cfg.num_hidden_layers, "full_attention", cfg.num_experts > 0)
         if sel.model:
             def whole():
                 model = src.whole_model(with_mtp=False)
-                return G.ModelGraph(model, rope(), self.dtype, self.quantizer)
+                return G.ModelGraph(model, rope(), self.dtype, self.quantizer, self.act_scales)
             yield "model", whole, "model", ("prefill", "decode"), None, None, False
 
     def run(self) -> dict:
@@ -244,6 +255,14 @@ class Exporter:
         work = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
         t0 = time.time()
         try:
+            if self.activations == "fp8":
+                from qwen3next_trt.model.calibration import calibrate, calibration_tokens
+
+                count, seq, pct = self.calib
+                tokens = calibration_tokens(count, seq, self.config.vocab_size)
+                self.progress(f"[calibrate] {count} x {seq} tokens of Python stdlib text, "
+                              f"{'amax' if pct is None else f'{pct} percentile'} per activation")
+                self.act_scales = calibrate(self.source, tokens, pct, self.progress)
             parts = list(self._parts())
             self.progress(f"[export] {len(parts)} parts of {self.source.describe()} -> {self.out_dir} "
                           f"({self.dtype_name}, opset {OPSET} + {MS_DOMAIN} 1, max positions {self.max_positions})")
@@ -275,6 +294,12 @@ class Exporter:
             "config": cfg,
             "dtype": self.dtype_name,
             "weights_precision": self.quantizer.describe() if self.quantizer else {"format": self.dtype_name},
+            "activation_precision": {"format": self.dtype_name} if self.act_scales is None else {
+                "format": "float8e4m3fn", "scheme": "static per-tensor, QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE",
+                "calibration": {"sequences": self.calib[0], "tokens_per_sequence": self.calib[1],
+                                "statistic": "amax" if self.calib[2] is None else f"percentile {self.calib[2]}",
+                                "text": "Python standard library sources (bytes as token ids)"},
+                "scales": self.act_scales},
             "opsets": {"ai.onnx": OPSET, MS_DOMAIN: 1},
             "custom_ops": {op: {"domain": MS_DOMAIN, "version": v} for op, v in CUSTOM_OPS.items()},
             "max_positions": self.max_positions,

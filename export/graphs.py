@@ -71,25 +71,32 @@ class FP8Linear(nn.Module):
     """A linear layer whose weight is stored as FP8 + scales: traced as float8e4m3fn initializer ->
     DequantizeLinear -> MatMul, so the weight bytes in the ONNX file are the FP8 ones."""
 
-    def __init__(self, weight: FP8Weight, bias: torch.Tensor | None, dtype):
+    def __init__(self, weight: FP8Weight, bias: torch.Tensor | None, dtype, input_scale: float | None = None):
         super().__init__()
         self.register_buffer("weight_fp8", weight.fp8)
         self.register_buffer("weight_scale", weight.row_scale.to(dtype))
         self.block = weight.block
         self.bias = bias
+        self.quantize_input = input_scale is not None
+        if self.quantize_input:  # static FP8 activations: QuantizeLinear -> DequantizeLinear on the input
+            self.register_buffer("input_scale", torch.tensor(input_scale, dtype=dtype))
+            self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
 
     def forward(self, x):
+        if self.quantize_input:
+            x = torch.ops.qwen3next.fake_quantize_fp8(x, self.input_scale, self.input_zero_point)
         w = torch.ops.qwen3next.dequantize_fp8(self.weight_fp8, self.weight_scale, self.block)
         return nn.functional.linear(x, w.to(x.dtype), self.bias)
 
 
-def quantize_linears_(module: nn.Module, prefix: str, quantizer: WeightQuantizer, dtype):
+def quantize_linears_(module: nn.Module, prefix: str, quantizer: WeightQuantizer, dtype, act_scales: dict | None = None):
     """Swap every linear whose weight the FP8 scheme stores in FP8 for an FP8Linear, in place."""
     for name, child in list(module.named_modules()):
         for attr, sub in list(child.named_children()):
             full = f"{prefix}{name + '.' if name else ''}{attr}.weight"
             if isinstance(sub, nn.Linear) and is_quantized(full):
-                setattr(child, attr, FP8Linear(quantizer(full, sub.weight.detach()), sub.bias, dtype))
+                scale = act_scales[full] if act_scales else None
+                setattr(child, attr, FP8Linear(quantizer(full, sub.weight.detach()), sub.bias, dtype, scale))
     return module
 
 
@@ -102,10 +109,10 @@ class _WithExperts(nn.Module):
     """Holds the stacked expert tensors of the MoE blocks it wraps as buffers (-> initializers);
     in FP8 exports those are FP8 + scales, dequantised in the graph in front of the MoE node."""
 
-    def __init__(self, quantizer: WeightQuantizer | None = None, dtype=torch.float32):
+    def __init__(self, quantizer: WeightQuantizer | None = None, dtype=torch.float32, act_scales: dict | None = None):
         super().__init__()
         self._expert_slots: dict[int, tuple[str, int | None]] = {}
-        self.quantizer, self.dtype = quantizer, dtype
+        self.quantizer, self.dtype, self.act_scales = quantizer, dtype, act_scales
         self.kernels = export_kernels(self._moe_weights)
 
     def _add_experts(self, block: nn.Module, slot: str, prefix: str = ""):
@@ -131,6 +138,11 @@ class _WithExperts(nn.Module):
         self.register_buffer(f"{slot}_fc2", fc2)
         self.register_buffer(f"{slot}_fc2_bias", torch.zeros(fc2.shape[:2], dtype=self.dtype))
         self._expert_slots[id(block)] = (slot, block_size)
+        if self.act_scales:
+            self.register_buffer(f"{slot}_input_scale", torch.tensor(self.act_scales[f"{prefix}mlp.experts"], dtype=self.dtype))
+            self.register_buffer(f"{slot}_input_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
+            block.expert_input_quant = lambda x, slot=slot: torch.ops.qwen3next.fake_quantize_fp8(
+                x, getattr(self, f"{slot}_input_scale"), getattr(self, f"{slot}_input_zero_point"))
         # The per-expert modules are not used by the traced graph: drop them so they are not
         # lifted as (unused) inputs, and the 80B layer's expert weights are not held twice.
         block.experts = nn.ModuleList()
@@ -165,15 +177,15 @@ class LayerGraph(_WithExperts):
     """A decoder layer (or the MTP layer's decoder block) with its state as inputs and outputs."""
 
     def __init__(self, layer: Qwen3NextDecoderLayer, config: Qwen3NextConfig, rope: RopeCache | None, dtype,
-                 quantizer: WeightQuantizer | None = None, prefix: str = ""):
-        super().__init__(quantizer, dtype)
+                 quantizer: WeightQuantizer | None = None, prefix: str = "", act_scales: dict | None = None):
+        super().__init__(quantizer, dtype, act_scales)
         self.layer = layer
         self.rope = rope
         self.linear = layer.layer_type == LINEAR_ATTENTION
         self.fixed_args = 1
         self._add_experts(layer.mlp, "experts", prefix)
         if quantizer is not None:
-            quantize_linears_(layer, prefix, quantizer, dtype)
+            quantize_linears_(layer, prefix, quantizer, dtype, act_scales)
         H = config.hidden_size
         state_in, state_out = _state_ports(config, layer.layer_type, "", dtype)
         position = [] if self.linear else [Port("position_ids", POSITION, ["batch", "seq"], torch.int64)]
@@ -229,12 +241,12 @@ class LMHeadGraph(nn.Module):
 
 class MTPGraph(_WithExperts):
     def __init__(self, mtp: nn.Module, config: Qwen3NextConfig, rope: RopeCache, dtype,
-                 quantizer: WeightQuantizer | None = None):
-        super().__init__(quantizer, dtype)
+                 quantizer: WeightQuantizer | None = None, act_scales: dict | None = None):
+        super().__init__(quantizer, dtype, act_scales)
         self.mtp, self.rope = mtp, rope
         self._add_experts(mtp.layers[0].mlp, "experts", "mtp.layers.0.")
         if quantizer is not None:
-            quantize_linears_(mtp, "mtp.", quantizer, dtype)
+            quantize_linears_(mtp, "mtp.", quantizer, dtype, act_scales)
         H = config.hidden_size
         state_in, state_out = _state_ports(config, "full_attention", "", dtype)
         self.inputs = [Port("next_embeds", ACTIVATION, ["batch", "seq", H], dtype),
@@ -251,15 +263,16 @@ class MTPGraph(_WithExperts):
 class ModelGraph(_WithExperts):
     """The whole main model in one graph (small models): every layer's state in and out."""
 
-    def __init__(self, model: nn.Module, rope: RopeCache, dtype, quantizer: WeightQuantizer | None = None):
-        super().__init__(quantizer, dtype)
+    def __init__(self, model: nn.Module, rope: RopeCache, dtype, quantizer: WeightQuantizer | None = None,
+                 act_scales: dict | None = None):
+        super().__init__(quantizer, dtype, act_scales)
         self.model, self.rope = model, rope
         self.fixed_args = 2
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
             self._add_experts(layer.mlp, f"layer_{i:02d}_experts", f"model.layers.{i}.")
         if quantizer is not None:
-            quantize_linears_(model, "", quantizer, dtype)
+            quantize_linears_(model, "", quantizer, dtype, act_scales)
         self.layer_types = list(cfg.layer_types)
         self.inputs = [Port("input_ids", TOKENS, ["batch", "seq"], torch.int64),
                        Port("position_ids", POSITION, ["batch", "seq"], torch.int64)]

@@ -114,3 +114,40 @@ def fake_quantize_(module: torch.nn.Module, prefix: str, quantizer: WeightQuanti
             if p.dim() == 2 and is_quantized(full):
                 p.copy_(quantizer(full, p.detach()).dequantize().to(p.dtype))
     return module
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations: static per-tensor scales from calibration (amax / 448), applied as quantize-dequantize.
+
+
+def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x rounded through E4M3 with one scale (saturating at +-448, as ONNX QuantizeLinear does)."""
+    q = (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return (q.float() * scale.float()).to(x.dtype)
+
+
+def activation_points(module: torch.nn.Module, prefix: str):
+    """(name, submodule) of every activation that FP8 quantises: the input of each FP8-stored linear
+    (named by its weight) and the routed experts' input of each MoE block (`<prefix>mlp.experts`)."""
+    from .modeling_qwen3_next import Qwen3NextSparseMoeBlock
+
+    for name, sub in module.named_modules():
+        full = prefix + name
+        if not full:  # a bare root module has no checkpoint name
+            continue
+        if isinstance(sub, torch.nn.Linear) and is_quantized(full + ".weight") and ".experts." not in full + ".":
+            # (routed experts' linears are not called as modules: their input is the block's point below)
+            yield full + ".weight", sub
+        elif isinstance(sub, Qwen3NextSparseMoeBlock):
+            yield full + ".experts", sub
+
+
+def fake_quantize_activations_(module: torch.nn.Module, prefix: str, scales: dict[str, float]):
+    """Round every quantised activation of `module` through FP8 with its calibrated scale (hooks)."""
+    for name, sub in activation_points(module, prefix):
+        scale = torch.tensor(scales[name])
+        if name.endswith(".experts"):
+            sub.expert_input_quant = lambda x, s=scale: fake_quantize_activation(x, s)
+        else:
+            sub.register_forward_pre_hook(lambda m, args, s=scale: (fake_quantize_activation(args[0], s), *args[1:]))
+    return module

@@ -355,6 +355,8 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         )
         self.shared_expert = Qwen3NextMLP(config, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        # FP8 activations: rounds the routed experts' input (the router still sees the exact input)
+        self.expert_input_quant: Callable | None = None
 
     def routed_experts(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, selected = route_tokens(router_logits, self.top_k, self.norm_topk_prob)
@@ -369,7 +371,8 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         kernels = kernels or REFERENCE_KERNELS
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        routed = kernels.routed_experts(self, x, self.gate(x))
+        experts_in = self.expert_input_quant(x) if self.expert_input_quant is not None else x
+        routed = kernels.routed_experts(self, experts_in, self.gate(x))
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return (routed + shared).reshape(shape)
 

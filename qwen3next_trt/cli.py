@@ -115,6 +115,7 @@ def cmd_export(args) -> int:
 
     manifest = Exporter(args.model, args.out, dtype=args.dtype, layers=args.layers, max_positions=args.max_positions,
                         seed=args.seed, force=args.force, precision=args.precision, fp8_scheme=args.fp8_weights,
+                        activations=args.activations, calib=args.calib, calib_percentile=args.calib_percentile,
                         progress=lambda m: print(m, flush=True)).run()
     print()
     print(summary_table(manifest))
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: linear weights as FP8 E4M3 + scales (DequantizeLinear in the graph); an FP8 checkpoint's own bytes are kept")
     s.add_argument("--fp8-weights", choices=("block", "channel"), default="block",
                    help="how weights of a non-FP8 source are quantised: 128x128 blocks (default) or per output channel")
+    s.add_argument("--activations", choices=("none", "fp8"), default="none",
+                   help="fp8: static per-tensor FP8 activations (Q/DQ) before every FP8 MatMul and MoE, scales calibrated")
+    s.add_argument("--calib", type=int, default=16, help="calibration sequences (256 tokens each) for --activations fp8")
+    s.add_argument("--calib-percentile", type=float, help="use this percentile of |x| instead of the max (e.g. 99.99)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("validate", help="every exported graph vs the PyTorch reference (polygraphy), and end to end")

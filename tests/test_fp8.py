@@ -165,3 +165,46 @@ def test_logit_metrics():
     assert same["kl_mean"] == pytest.approx(0.0, abs=1e-12) and same["top1_agreement"] == 1.0 and same["top5_overlap"] == 1.0
     other = logit_metrics(logits, rng.standard_normal((50, 40)))
     assert other["kl_mean"] > 0.1 and other["top1_agreement"] < 0.3 and other["top5_overlap"] < 0.5
+
+
+@pytest.fixture(scope="module")
+def fp8_act_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8act") / "onnx"
+    Exporter("tiny", out, layers="0,3,mtp", precision="fp8", activations="fp8", calib=2, progress=lambda m: None).run()
+    return out
+
+
+def test_fp8_activations_are_quantised_before_every_fp8_matmul_and_moe(fp8_act_export):
+    manifest = json.loads((fp8_act_export / "manifest.json").read_text())
+    scales = manifest["activation_precision"]["scales"]
+    assert "model.layers.0.mlp.experts" in scales and "model.layers.0.linear_attn.in_proj_qkvz.weight" in scales
+    assert all(s > 0 for s in scales.values())
+    model, inits = initializers(fp8_act_export / "layer_00.decode.onnx")
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    # the activations that feed FP8 weights in a DeltaNet+MoE layer: in_proj_qkvz's input, out_proj's
+    # input, the MoE input (shared by the routed experts and the shared expert's gate/up: quantised
+    # once, the exporter merges identical Q/DQ of one tensor) and the shared expert's down_proj input
+    assert len(q) == len({n.input[0] for n in q}) == 4
+    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+    dq_of_q = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in {x.output[0] for x in q}]
+    assert len(dq_of_q) == 4 and all(consumers[n.output[0]] in ("MatMul", "Gemm", "MoE", "Reshape") for n in dq_of_q)
+    for n in q:
+        assert inits[n.input[2]].data_type == TensorProto.FLOAT8E4M3FN  # zero point sets the FP8 output type
+        value = float(numpy_helper.to_array(inits[n.input[1]]))
+        assert any(value == pytest.approx(s, rel=1e-6) for s in scales.values())
+
+
+def test_fp8_activation_export_matches_the_fake_quantised_reference(fp8_act_export):
+    report = Validator(fp8_act_export, progress=lambda m: None).run()
+    assert report.passed
+    assert max(r.max_abs / max(r.ref_max, 1e-6) for r in report.rows) <= 1e-3
+
+
+def test_activation_options_are_checked(tmp_path, capsys):
+    rc = main(["export", "--model", "tiny", "--out", str(tmp_path / "a"), "--activations", "fp8", "--layers", "0"])
+    assert rc == 2 and "--precision fp8" in capsys.readouterr().err
+    rc = main(["export", "--model", "tiny", "--out", str(tmp_path / "b"), "--precision", "fp8", "--activations", "fp8",
+               "--calib", "100000000", "--layers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--calib 100000000" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()

@@ -20,7 +20,7 @@ from polygraphy.datatype import DataType
 from qwen3next_trt.model import AttentionCache, DeltaNetCache, Qwen3NextCache
 from qwen3next_trt.model.config import LINEAR_ATTENTION
 from qwen3next_trt.errors import InputError
-from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_
+from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_, fake_quantize_activations_
 from qwen3next_trt.model.loader import RANDOM_INIT_VERSION, WeightSource, layer_prefix
 from qwen3next_trt.model.modeling_qwen3_next import Qwen3NextRotaryEmbedding
 
@@ -49,7 +49,8 @@ def weight_source(manifest: dict, model: str | None = None) -> WeightSource:
 class ReferencePart:
     """Callable: feed dict (numpy) -> outputs dict (numpy, float32 for floats), for one graph group."""
 
-    def __init__(self, record: dict, source: WeightSource, quantizer: WeightQuantizer | None = None):
+    def __init__(self, record: dict, source: WeightSource, quantizer: WeightQuantizer | None = None,
+                 act_scales: dict | None = None):
         self.record, self.config = record, source.config
         kind = record["kind"]
         f32 = torch.float32
@@ -68,10 +69,12 @@ class ReferencePart:
         else:
             raise ValueError(f"unknown graph kind {kind!r}")
         mods = self.module if isinstance(self.module, tuple) else (self.module,)
-        if quantizer is not None:  # the float model an FP8 export must reproduce
+        if quantizer is not None and kind not in ("embed", "final", "lm_head"):  # the float model an FP8 export must reproduce
             prefix = {"mtp": "mtp.", "model": ""}.get(kind, layer_prefix(record["layer"], self.config) if record.get("layer") is not None else "")
             for m in mods:
                 fake_quantize_(m, prefix, quantizer)
+                if act_scales:
+                    fake_quantize_activations_(m, prefix, act_scales)
         for m in mods:
             m.to(f32)
         self.rope = Qwen3NextRotaryEmbedding(self.config)
