@@ -17,17 +17,16 @@ import json
 import math
 import sysconfig
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from qwen3next_trt.model import load_preset, random_model, save_model
+from qwen3next_trt.model.calibration import stdlib_sources
 
 
 def corpus(held_out: bool) -> torch.Tensor:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and p.stat().st_size < 200_000)
+    files = [p for p in stdlib_sources() if p.stat().st_size < 200_000]
     chosen = [p for i, p in enumerate(files) if (i % 10 == 0) == held_out]
     data = b"".join(p.read_bytes() for p in chosen)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # widened per batch: 8x less memory

@@ -24,6 +24,7 @@ import onnxscript
 import torch
 
 import qwen3next_trt
+from qwen3next_trt.tables import text_table
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.model.config import LINEAR_ATTENTION
 from qwen3next_trt.model.fp8 import SCHEMES, WeightQuantizer
@@ -310,16 +311,14 @@ class Exporter:
 
 
 def summary_table(manifest: dict) -> str:
-    rows = [("graph", "mode", "nodes", "custom ops", "Attention/Rotary", "weights MiB")]
+    rows = []
     for g in manifest["graphs"]:
         ops = g["ops"]
         custom = sum(c for o, c in ops.items() if o.startswith(MS_DOMAIN))
         native = f"{ops.get('Attention', 0)}/{ops.get('RotaryEmbedding', 0)}"
         rows.append((g["name"], g["mode"], str(g["nodes"]), str(custom), native,
                      f"{manifest['weights'][g['weights']]['bytes'] / 2**20:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = text_table(("graph", "mode", "nodes", "custom ops", "Attention/Rotary", "weights MiB"), rows, left=2)
     total = sum(w["bytes"] for w in manifest["weights"].values())
     lines.append(f"{len(manifest['graphs'])} graphs, {len(manifest['weights'])} weight files, {total / 2**20:.1f} MiB, {manifest['seconds']} s")
     return "\n".join(lines)

@@ -23,10 +23,16 @@ from .loader import WeightSource, layer_prefix
 from .modeling_qwen3_next import Qwen3NextRotaryEmbedding
 
 
+def stdlib_sources() -> list[Path]:
+    """The Python standard library's own *.py files (tests excluded), sorted: text that ships with Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "test" not in p.parts)
+
+
 def calibration_tokens(count: int, seq: int, vocab: int) -> torch.Tensor:
     """[count, seq] token ids from the stdlib sources (deterministic: sorted files, evenly spaced windows)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts)[:400]
+    files = stdlib_sources()[:400]
     data = torch.frombuffer(bytearray(b"".join(p.read_bytes() for p in files)), dtype=torch.uint8).long()
     if data.numel() < count * seq:
         raise InputError(f"--calib {count}: the calibration text ({root}) holds {data.numel():,} tokens, "

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from qwen3next_trt.errors import InputError
+from qwen3next_trt.tables import text_table
 
 from qwen3next_trt.export.manifest import read_manifest
 
@@ -126,10 +127,8 @@ class QualityCheck:
 def table(report: QualityReport) -> str:
     head = ("graph", "output", "cosine", "rel Frobenius", "max abs")
     body = [(r.graph, r.output, f"{r.cosine:.6f}", f"{r.rel_frobenius:.2e}", f"{r.max_abs:.2e}") for r in report.rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    fmt = lambda x: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths)))  # noqa: E731
     lines = [f"FP8 weights ({report.weights_precision.get('scheme')}, {report.weights_precision.get('source')}) "
-             "vs the unquantised reference, ONNX Runtime CPU:", fmt(head), "-" * (sum(widths) + 2 * (len(widths) - 1)), *map(fmt, body)]
+             "vs the unquantised reference, ONNX Runtime CPU:", *text_table(head, body, left=2)]
     if report.logits:
         m = report.logits
         lines.append(f"logits over {m['positions']} positions: KL mean {m['kl_mean']:.2e} (max {m['kl_max']:.2e}), "

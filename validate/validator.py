@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from qwen3next_trt.errors import InputError
+from qwen3next_trt.tables import text_table
 from qwen3next_trt.model.fp8 import fake_quantize_, fake_quantize_activations_
 
 from qwen3next_trt.export.manifest import read_manifest
@@ -336,9 +337,7 @@ def table(report: Report, worst_only: bool = True) -> str:
     head = ("backend", "graph", "output", "max abs", "max rel", "cosine", "tolerance", "pass")
     body = [(r.backend, r.graph, r.output, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.cosine:.6f}", f"{r.tolerance:.1e}",
              "ok" if r.passed else "FAIL") for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    fmt = lambda x: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths)))  # noqa: E731
-    lines = [fmt(head), "-" * sum(widths) + "-" * 2 * (len(widths) - 1), *map(fmt, body)]
+    lines = text_table(head, body, left=3)
     for name, e in report.end_to_end.items():
         lines.append(f"{name}: token agreement {e['token_agreement']:.1%}, logits max abs {e['logits_max_abs']:.2e} "
                      f"(tolerance {e['tolerance']:.1e}), {'ok' if e['passed'] else 'FAIL'}")

@@ -1,5 +1,5 @@
 """Do engines built ahead of time for SM80/SM89/SM120 (as on a CPU machine) deserialize and run on this GPU?"""
-import sys, traceback
+import sys
 import numpy as np
 import onnxruntime as ort
 import json
