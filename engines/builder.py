@@ -36,6 +36,10 @@ class Limits:
     max_context: int = 4096
 
     def ranges(self, dim: str, mode: str) -> tuple[int, int, int]:
+        if "+" in dim:  # "past + seq", "past + 1": the sum of the parts' ranges
+            parts = [s.strip() for s in dim.split("+")]
+            rs = [(int(p),) * 3 if p.isdigit() else self.ranges(p, mode) for p in parts]
+            return tuple(sum(r[i] for r in rs) for i in range(3))
         if dim == "batch":
             return 1, max(1, self.max_batch // 2), self.max_batch
         if dim == "seq":

@@ -203,11 +203,14 @@ def _linear_attention_kernel(q, k, v, state, g, beta, num_k_heads, num_v_heads, 
     return out, state
 
 
-def _attention_kernel(q, k, v, scale):
+def _attention_kernel(q, k, v, scale, key_mask=None):
     # One ONNX (opset 23) Attention node with a single output: TensorRT maps it to its native
-    # attention layer. The mask lets query i (absolute position P+i) see keys j <= P+i.
+    # attention layer. The mask lets query i (absolute position P+i) see keys j <= P+i that the
+    # key mask marks as real tokens.
     T, S = q.shape[2], k.shape[2]
     visible = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
+    if key_mask is not None:
+        visible = visible[None, None] & key_mask[:, None, None, :]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
 
 

@@ -94,6 +94,16 @@ def parse_selection(spec: str | None, n_layers: int, has_mtp: bool, small: bool)
     return sel
 
 
+def _dim_spec(name: str, dims: dict, sizes: dict):
+    """torch.export's spec for a symbolic dim: a Dim, a Dim plus a constant ("past+seq" in a decode
+    graph, where seq is 1), or DYNAMIC for a sum of two Dims, which torch.export infers itself."""
+    parts = name.split("+")
+    free = [dims[p] for p in parts if p in dims]
+    if len(free) > 1:
+        return torch.export.Dim.DYNAMIC
+    return free[0] + sum(sizes[p] for p in parts if p not in dims) if len(parts) > 1 else free[0]
+
+
 def _examples(ports: list[G.Port], mode: str):
     """Example tensors and torch.export dynamic shapes for the input ports."""
     sizes = dict(EXAMPLE_SIZES, seq=EXAMPLE_SIZES["seq"] if mode == "prefill" else 1)
@@ -103,13 +113,16 @@ def _examples(ports: list[G.Port], mode: str):
     g = torch.Generator().manual_seed(0)
     args, dynamic = [], []
     for p in ports:
-        shape = [sizes[d] if isinstance(d, str) else d for d in p.shape]
-        if p.dtype == torch.int64:
+        shape = [sum(sizes[part] for part in d.split("+")) if isinstance(d, str) else d for d in p.shape]
+        if p.dtype == torch.bool:
+            t = torch.ones(shape, dtype=torch.bool)
+        elif p.dtype == torch.int64:
             t = torch.randint(0, 8, shape, generator=g) if p.role != G.POSITION else torch.arange(shape[1]).expand(*shape).contiguous()
         else:
             t = torch.randn(shape, generator=g).to(p.dtype)
         args.append(t)
-        dynamic.append({i: dims[d] for i, d in enumerate(p.shape) if isinstance(d, str) and d in dims} or None)
+        dynamic.append({i: _dim_spec(d, dims, sizes) for i, d in enumerate(p.shape)
+                        if isinstance(d, str) and any(part in dims for part in d.split("+"))} or None)
     return tuple(args), tuple(dynamic)
 
 
@@ -130,6 +143,22 @@ def _trace(module: torch.nn.Module, mode: str, path: Path):
             dynamic_shapes=dynamic, verbose=False,
         )
     program.save(str(path), external_data=True)
+    _name_sum_dims(path, module.inputs, mode)
+
+
+def _name_sum_dims(path: Path, ports: list[G.Port], mode: str):
+    """torch.export names an input dim that is a sum of two dims (the attention mask's past+seq) like
+    s82; give it the name the outputs carry ("past + seq", "past + 1" in decode graphs)."""
+    sums = {p.name: [(i, d) for i, d in enumerate(p.shape) if isinstance(d, str) and "+" in d] for p in ports}
+    if not any(sums.values()):
+        return
+    fixed = {"seq": EXAMPLE_SIZES["seq"]} if mode == "prefill" else {"seq": 1}
+    model = onnx.load(str(path), load_external_data=False)
+    for value in model.graph.input:
+        for i, d in sums.get(value.name, []):
+            name = " + ".join(part if part != "seq" or mode == "prefill" else str(fixed["seq"]) for part in d.split("+"))
+            value.type.tensor_type.shape.dim[i].dim_param = name
+    onnx.save(model, str(path))
 
 
 def _expected_custom_ops(kind: str, layer_type: str | None, moe: bool) -> dict[str, int]:

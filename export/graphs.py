@@ -7,13 +7,13 @@ Graph I/O (names as in the ONNX files and the manifest; B batch, T new tokens, P
   embed          input_ids [B,T] int64                         -> hidden [B,T,H]
   linear layer   hidden [B,T,H], conv_state [B,C,K-1],
                  recurrent_state [B,Hv,Dk,Dv] float32          -> hidden_out, conv_state_out, recurrent_state_out
-  full layer     hidden [B,T,H], position_ids [B,T] int64,
+  full layer     hidden [B,T,H], position_ids [B,T] int64, attention_mask [B,P+T] bool (True = real token),
                  past_key, past_value [B,Hkv,P,D]              -> hidden_out, present_key, present_value [B,Hkv,P+T,D]
   final          hidden [B,T,H]                                -> logits [B,T,V], hidden_normed [B,T,H]
   lm_head        hidden [B,T,H]                                -> logits [B,T,V]
   mtp            next_embeds [B,T,H] (embed of token t+1), hidden [B,T,H] (hidden_normed at t),
-                 position_ids [B,T], past_key, past_value      -> mtp_hidden [B,T,H], present_key, present_value
-  model          input_ids, position_ids, then every layer's state -> logits, hidden_normed, every state out
+                 position_ids [B,T], attention_mask [B,P+T], past_key, past_value -> mtp_hidden [B,T,H], present_key, present_value
+  model          input_ids, position_ids, attention_mask, then every layer's state -> logits, hidden_normed, every state out
 """
 
 from __future__ import annotations
@@ -35,7 +35,14 @@ from qwen3next_trt.model.fp8 import FP8Weight, WeightQuantizer, is_quantized
 
 from .custom_ops import export_kernels, stack_experts
 
-ACTIVATION, STATE_IN, STATE_OUT, POSITION, TOKENS = "activation", "state-in", "state-out", "position", "tokens"
+ACTIVATION, STATE_IN, STATE_OUT, POSITION, TOKENS, MASK = "activation", "state-in", "state-out", "position", "tokens", "mask"
+
+
+def _attention_inputs() -> list:
+    """What an attention layer needs beside its hidden state and cache: RoPE positions per row and a
+    key mask over past + new tokens, so that rows of different lengths can share a batch."""
+    return [Port("position_ids", POSITION, ["batch", "seq"], torch.int64),
+            Port("attention_mask", MASK, ["batch", "past+seq"], torch.bool)]
 
 
 @dataclass
@@ -188,8 +195,7 @@ class LayerGraph(_WithExperts):
             quantize_linears_(layer, prefix, quantizer, dtype, act_scales)
         H = config.hidden_size
         state_in, state_out = _state_ports(config, layer.layer_type, "", dtype)
-        position = [] if self.linear else [Port("position_ids", POSITION, ["batch", "seq"], torch.int64)]
-        self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", H], dtype), *position, *state_in]
+        self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", H], dtype), *([] if self.linear else _attention_inputs()), *state_in]
         self.outputs = [Port("hidden_out", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
 
     def forward(self, hidden, *args):
@@ -197,8 +203,8 @@ class LayerGraph(_WithExperts):
             cache = DeltaNetCache.from_tensors(*args)
             out = self.layer(hidden, None, cache, self.kernels)
             return out, cache.conv_state, cache.recurrent_state
-        position_ids, past_key, past_value = args
-        cache = AttentionCache.from_tensors(past_key, past_value)
+        position_ids, attention_mask, past_key, past_value = args
+        cache = AttentionCache.from_tensors(past_key, past_value, attention_mask)
         out = self.layer(hidden, self.rope.rotation(position_ids), cache, self.kernels)
         return out, cache.key, cache.value
 
@@ -251,11 +257,11 @@ class MTPGraph(_WithExperts):
         state_in, state_out = _state_ports(config, "full_attention", "", dtype)
         self.inputs = [Port("next_embeds", ACTIVATION, ["batch", "seq", H], dtype),
                        Port("hidden", ACTIVATION, ["batch", "seq", H], dtype),
-                       Port("position_ids", POSITION, ["batch", "seq"], torch.int64), *state_in]
+                       *_attention_inputs(), *state_in]
         self.outputs = [Port("mtp_hidden", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
 
-    def forward(self, next_embeds, hidden, position_ids, past_key, past_value):
-        cache = AttentionCache.from_tensors(past_key, past_value)
+    def forward(self, next_embeds, hidden, position_ids, attention_mask, past_key, past_value):
+        cache = AttentionCache.from_tensors(past_key, past_value, attention_mask)
         out = self.mtp(next_embeds, hidden, self.rope.rotation(position_ids), cache, 0, self.kernels)
         return out, cache.key, cache.value
 
@@ -267,15 +273,14 @@ class ModelGraph(_WithExperts):
                  act_scales: dict | None = None):
         super().__init__(quantizer, dtype, act_scales)
         self.model, self.rope = model, rope
-        self.fixed_args = 2
+        self.fixed_args = 3
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
             self._add_experts(layer.mlp, f"layer_{i:02d}_experts", f"model.layers.{i}.")
         if quantizer is not None:
             quantize_linears_(model, "", quantizer, dtype, act_scales)
         self.layer_types = list(cfg.layer_types)
-        self.inputs = [Port("input_ids", TOKENS, ["batch", "seq"], torch.int64),
-                       Port("position_ids", POSITION, ["batch", "seq"], torch.int64)]
+        self.inputs = [Port("input_ids", TOKENS, ["batch", "seq"], torch.int64), *_attention_inputs()]
         self.outputs = [Port("logits", ACTIVATION, ["batch", "seq", cfg.vocab_size], dtype),
                         Port("hidden_normed", ACTIVATION, ["batch", "seq", cfg.hidden_size], dtype)]
         for i, t in enumerate(cfg.layer_types):
@@ -283,14 +288,14 @@ class ModelGraph(_WithExperts):
             self.inputs += ins
             self.outputs += outs
 
-    def forward(self, input_ids, position_ids, *states):
+    def forward(self, input_ids, position_ids, attention_mask, *states):
         m = self.model.model
         x = m.embed_tokens(input_ids)
         rotate = self.rope.rotation(position_ids)
         outs = []
         for i, layer in enumerate(m.layers):
             a, b = states[2 * i], states[2 * i + 1]
-            cache = DeltaNetCache.from_tensors(a, b) if layer.layer_type == LINEAR_ATTENTION else AttentionCache.from_tensors(a, b)
+            cache = DeltaNetCache.from_tensors(a, b) if layer.layer_type == LINEAR_ATTENTION else AttentionCache.from_tensors(a, b, attention_mask)
             x = layer(x, rotate, cache, self.kernels)
             outs += [cache.conv_state, cache.recurrent_state] if layer.layer_type == LINEAR_ATTENTION else [cache.key, cache.value]
         normed = m.norm(x)

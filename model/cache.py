@@ -19,11 +19,15 @@ class AttentionCache:
     def __init__(self):
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
+        # [B, P+T] bool over every key after this step's append, True = a real token. None means all
+        # real. Rows of a batch with different lengths (left padding, rejected speculative drafts)
+        # leave slots that no query may see.
+        self.key_mask: torch.Tensor | None = None
 
     @classmethod
-    def from_tensors(cls, key: torch.Tensor, value: torch.Tensor) -> "AttentionCache":
+    def from_tensors(cls, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None = None) -> "AttentionCache":
         cache = cls()
-        cache.key, cache.value = key, value
+        cache.key, cache.value, cache.key_mask = key, value, key_mask
         return cache
 
     def append(self, k: torch.Tensor, v: torch.Tensor):

@@ -142,10 +142,12 @@ def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 # Gated attention (every `full_attention_interval`-th layer)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention, GQA by head grouping; q [B,Hq,T,D], k/v [B,Hkv,P+T,D] where the first P are past.
 
-    Query i (absolute position P+i) sees keys j <= P+i. Softmax in float32.
+    Query i (absolute position P+i) sees keys j <= P+i whose `key_mask` [B, P+T] entry is True
+    (all keys when None). Softmax in float32.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -155,6 +157,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     scores = (q @ k.transpose(-1, -2)) * scale
     past = S - T
     visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    if key_mask is not None:
+        visible = visible & key_mask.bool()[:, None, None, :]
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return probs @ v
@@ -191,7 +195,7 @@ class Qwen3NextAttention(nn.Module):
         q, k = rotate(q), rotate(k)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = kernels.attention(q, k, v, self.scaling)
+        out = kernels.attention(q, k, v, self.scaling, None if cache is None else cache.key_mask)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * D)
         return self.o_proj(out * torch.sigmoid(gate))
 
@@ -514,7 +518,8 @@ class Kernels:
     causal_conv: Callable
     # (q, k [B, T, Hk*Dk], v [B, T, Hv*Dv], state | None, g, beta [B, T, Hv], Hk, Hv, scale) -> (o, state)
     linear_attention: Callable
-    # (q [B, Hq, T, D], k, v [B, Hkv, P+T, D], scale) -> [B, Hq, T, D], causal with P past positions
+    # (q [B, Hq, T, D], k, v [B, Hkv, P+T, D], scale, key_mask [B, P+T] | None) -> [B, Hq, T, D],
+    # causal with P past positions, masked keys invisible
     attention: Callable
     # (moe block, tokens [N, H], router logits [N, E]) -> routed experts' weighted sum [N, H]
     routed_experts: Callable

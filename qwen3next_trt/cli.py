@@ -170,6 +170,47 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def _token_ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected comma-separated token ids, e.g. 12,7,99") from None
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from qwen3next_trt.runtime import Generator, SamplingParams
+
+    prompts = [_token_ids(p, "--prompt-ids") for p in args.prompt_ids]
+    if args.prompt_text is not None:
+        prompts.append(list(args.prompt_text.encode()))  # byte tokens: what the tiny training uses
+    if not prompts:
+        raise InputError("give at least one --prompt-ids (or --prompt-text)")
+    gen = Generator(args.onnx, engines_dir=args.engines, threads=args.threads, prefill_chunk=args.prefill_chunk)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    stop = _token_ids(args.stop, "--stop") if args.stop else []
+    backend = f"TensorRT engines {args.engines}" if args.engines else "ONNX Runtime (CPU)"
+    print(f"[generate] {len(prompts)} request(s), {backend}, mtp_k={args.mtp}", flush=True)
+    out = [[] for _ in prompts]
+    t0 = time.perf_counter()
+    for ev in gen.stream(prompts, args.max_new_tokens, sampling, stop, args.mtp):
+        out[ev.request].append(ev.token)
+        if args.stream:
+            print(f"[{ev.request}] {ev.token}{' (end)' if ev.finished else ''}", flush=True)
+    st = gen.last_stats
+    for r, toks in enumerate(out):
+        text = f"  {bytes(t for t in toks if t < 256).decode(errors='replace')!r}" if args.prompt_text is not None else ""
+        print(f"request {r}: {','.join(map(str, toks))}{text}")
+    acc = ", ".join(f"{a:.0%}" for a in st.acceptance)
+    print(f"[generate] {st.generated_tokens} tokens in {time.perf_counter() - t0:.2f} s ({st.generated_tokens / max(st.total_s, 1e-9):.1f} tokens/s), "
+          f"first token after {st.time_to_first_token_s * 1e3:.0f} ms, {st.tokens_per_main_pass:.2f} tokens per main pass"
+          + (f", acceptance per draft position {acc}" if args.mtp else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tokens": out, "stats": st.as_dict()}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen3next-trt", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -238,6 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", help="report directory (default: ONNX_DIR/quality)")
     s.add_argument("--tokens", type=int, default=128, help="tokens per sequence for the logit metrics")
     s.set_defaults(fn=cmd_quality)
+
+    s = sub.add_parser("generate", help="generate tokens through the exported graphs (runtime/): batching, sampling, streaming, MTP")
+    s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
+    s.add_argument("--engines", help="run TensorRT engines from this directory instead of ONNX Runtime")
+    s.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids; repeat for a batch")
+    s.add_argument("--prompt-text", help="a prompt as UTF-8 bytes (token = byte, as in bench/train_tiny.py)")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop", help="comma-separated stop token ids")
+    s.add_argument("--mtp", type=int, default=0, help="MTP speculative decoding with K draft tokens (1..4; greedy)")
+    s.add_argument("--stream", action="store_true", help="print every token as it is produced")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    s.add_argument("--prefill-chunk", type=int, help="prefill long prompts in chunks of this many tokens")
+    s.add_argument("--json", help="write tokens and stats here")
+    s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("random-checkpoint", help="write a seeded random HF-format checkpoint of a config")
     s.add_argument("--model", required=True, help="preset or checkpoint directory (its config)")

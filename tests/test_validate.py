@@ -173,7 +173,8 @@ def test_stitched_model_onnxruntime_matches_reference_model(tiny_export):
             ref_logits.append(model(torch.from_numpy(ids[:, T + i : T + i + 1]), cache).numpy())
 
     positions = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
-    feed = _feed(prefill_graph, {"batch": B, "seq": T, "past": 0}, {"input_ids": ids[:, :T], "position_ids": positions})
+    feed = _feed(prefill_graph, {"batch": B, "seq": T, "past": 0},
+                 {"input_ids": ids[:, :T], "position_ids": positions, "attention_mask": np.ones((B, T), bool)})
     assert sum(1 for k in feed if k.startswith("layer_")) == 2 * model.config.num_hidden_layers
     out_names = [o.name for o in prefill_graph.output]
     outs = dict(zip(out_names, prefill.run(None, feed)))
@@ -181,7 +182,8 @@ def test_stitched_model_onnxruntime_matches_reference_model(tiny_export):
     decode_out_names = [o.name for o in decode_graph.output]
     for i in range(N):
         states = {_state_input_for(k): v for k, v in outs.items() if _state_input_for(k)}
-        step = {"input_ids": ids[:, T + i : T + i + 1], "position_ids": np.full((B, 1), T + i, np.int64), **states}
+        step = {"input_ids": ids[:, T + i : T + i + 1], "position_ids": np.full((B, 1), T + i, np.int64),
+                "attention_mask": np.ones((B, T + i + 1), bool), **states}
         assert set(step) == {v.name for v in decode_graph.input}, "decode inputs not all fed from the previous outputs"
         outs = dict(zip(decode_out_names, decode.run(None, step)))
         got_logits.append(outs["logits"])

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 STATE_SCALE = {"conv_state": 1.0, "recurrent_state": 0.5, "key": 1.0, "value": 1.0}
 
 
-def _size(dim, sizes):
+def dim_size(dim, sizes: dict) -> int:
+    """A manifest dim (an int, a name, or a sum such as "past + seq" / "past + 1") at the given sizes."""
     if isinstance(dim, int):
         return dim
-    if "+" in dim:  # "past+seq" only appears on outputs
-        raise ValueError(dim)
-    return sizes[dim]
+    return sum(int(part) if part.isdigit() else sizes[part] for part in (s.strip() for s in dim.split("+")))
 
 
 def make_feed(record: dict, config: dict, rng: np.random.Generator, batch: int, seq: int, past: int) -> dict:
@@ -26,12 +25,18 @@ def make_feed(record: dict, config: dict, rng: np.random.Generator, batch: int, 
     sizes = {"batch": batch, "seq": seq, "past": past}
     feed = {}
     for p in record["inputs"]:
-        shape = [_size(d, sizes) for d in p["shape"]]
+        shape = [dim_size(d, sizes) for d in p["shape"]]
         dtype = NUMPY_DTYPES.get(p["dtype"], np.float32)
         if p["role"] == "tokens":
             feed[p["name"]] = rng.integers(0, config["vocab_size"], shape, dtype=np.int64)
         elif p["role"] == "position":
             feed[p["name"]] = np.broadcast_to(np.arange(past, past + shape[1], dtype=np.int64), shape).copy()
+        elif p["role"] == "mask":
+            # the last row is left-padded: its first past slots (up to 3) hold no token, so a
+            # graph that ignored the mask would differ from the reference
+            feed[p["name"]] = np.ones(shape, np.bool_)
+            if past > 0:
+                feed[p["name"]][-1, : min(3, past)] = False
         elif p["role"] == "state-in":
             kind = p["state"].rsplit(".", 1)[-1]
             if past == 0:

@@ -52,6 +52,7 @@ class LayeredModel:
             feed = {"hidden": hidden, **states[i]}
             if any(p["name"] == "position_ids" for p in rec["inputs"]):
                 feed["position_ids"] = positions
+                feed["attention_mask"] = np.ones((B, past + T), np.bool_)
             outs = dict(zip([o["name"] for o in rec["outputs"]], self.sessions[name].run(None, feed)))
             hidden = outs.pop("hidden_out")
             # state-out ports carry the same state as the state-in port of the same `state` key

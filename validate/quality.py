@@ -24,7 +24,7 @@ from qwen3next_trt.tables import text_table
 from qwen3next_trt.export.manifest import read_manifest
 
 from .inputs import feeds_for
-from .layered import LayeredModel
+from qwen3next_trt.runtime import GraphModel
 from .reference import ReferencePart, weight_source
 from .validator import _onnxrt_session, _seed, check_files, metrics
 
@@ -98,14 +98,14 @@ class QualityCheck:
             self.progress(f"[quality] {records[0]['weights'].removesuffix('.weights'):<10} worst rel. Frobenius "
                           f"{max(r.rel_frobenius for r in report.rows if r.graph in {x['name'] for x in records}):.2e}")
         try:
-            layered = LayeredModel(self.dir, self.manifest, _onnxrt_session)
-        except LookupError as e:
+            graphs = GraphModel(self.dir, lambda rec: _onnxrt_session(self.dir / rec["file"]), self.manifest, mtp=False)
+        except InputError as e:
             report.notes.append(f"logit metrics not computed: {e}")
         else:
             model = self.source.whole_model(with_mtp=False).to(torch.float32)
             rng = np.random.default_rng(4321)
             ids = rng.integers(0, self.manifest["config"]["vocab_size"], (2, self.tokens), dtype=np.int64)
-            logits, _ = layered.step(ids, 0, layered.zero_states(2), "prefill")
+            logits = graphs.prefill_logits(ids)
             with torch.no_grad():
                 ref = model(torch.from_numpy(ids)).numpy()
             V = ref.shape[-1]

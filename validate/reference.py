@@ -90,7 +90,7 @@ class ReferencePart:
             cache = DeltaNetCache.from_tensors(t["conv_state"], t["recurrent_state"])
             outs = [m(t["hidden"], None, cache), cache.conv_state, cache.recurrent_state]
         elif kind == "full_attention":
-            cache = AttentionCache.from_tensors(t["past_key"], t["past_value"])
+            cache = AttentionCache.from_tensors(t["past_key"], t["past_value"], t["attention_mask"])
             rotate = self.rope.rotation(t["position_ids"], torch.float32)
             outs = [m(t["hidden"], rotate, cache), cache.key, cache.value]
         elif kind == "final":
@@ -100,7 +100,7 @@ class ReferencePart:
         elif kind == "lm_head":
             outs = [m(t["hidden"])]
         elif kind == "mtp":
-            cache = AttentionCache.from_tensors(t["past_key"], t["past_value"])
+            cache = AttentionCache.from_tensors(t["past_key"], t["past_value"], t["attention_mask"])
             rotate = self.rope.rotation(t["position_ids"], torch.float32)
             outs = [m(t["next_embeds"], t["hidden"], rotate, cache), cache.key, cache.value]
         else:  # the stitched model
@@ -111,6 +111,7 @@ class ReferencePart:
                     layer_cache.conv_state, layer_cache.recurrent_state = t[tag + "conv_state"], t[tag + "recurrent_state"]
                 else:
                     layer_cache.key, layer_cache.value = t[tag + "past_key"], t[tag + "past_value"]
+                    layer_cache.key_mask = t["attention_mask"]
             logits, normed = m(t["input_ids"], cache, position_ids=t["position_ids"], return_hidden=True)
             outs = [logits, normed]
             for layer_cache in cache.layers:

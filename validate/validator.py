@@ -2,9 +2,9 @@
 
 Per graph: the reference (validate/reference.py) and the backend run the same seeded feeds through
 polygraphy's Comparator; results are saved as polygraphy RunResults; the table adds max abs, max
-rel, cosine. End to end: the stitched model graph, and a greedy decode loop driven through the
-per-layer graphs (prefill graphs, then decode graphs fed with the states they returned), against
-the reference model's own greedy generation.
+rel, cosine. End to end: the stitched model graph, and greedy generation by the runtime (runtime/:
+prefill graphs, then decode graphs fed with the states they returned) against the reference
+model's own greedy generation.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from qwen3next_trt.tables import text_table
 from qwen3next_trt.model.fp8 import fake_quantize_, fake_quantize_activations_
 
 from qwen3next_trt.export.manifest import read_manifest
+from qwen3next_trt.runtime import Generator
 
 from .inputs import feeds_for
-from .layered import LayeredModel
 from .reference import ReferencePart, ReferenceRunner, input_metadata, weight_quantizer, weight_source
 
 # Tolerances (see NOTES.md for the measurements behind the 16-bit ones). fp32: absolute, as the
@@ -75,6 +75,15 @@ class Report:
 
     def to_dict(self):
         return {**asdict(self), "passed": self.passed}
+
+
+def _greedy(generator: Generator, prompt: np.ndarray, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Greedy tokens [B, n] through the runtime, and per step the logits [B, V] each token came from."""
+    tokens, logits = [[] for _ in prompt], [[] for _ in prompt]
+    for ev in generator.stream(prompt.tolist(), n, keep_logits=True):
+        tokens[ev.request].append(ev.token)
+        logits[ev.request].append(ev.logits)
+    return np.array(tokens), [np.stack([row[i] for row in logits]) for i in range(n)]
 
 
 def metrics(ref: np.ndarray, got: np.ndarray) -> tuple[float, float, float, float]:
@@ -252,8 +261,8 @@ class Validator:
         model = None
         for backend in self.backends:
             try:
-                layered = LayeredModel(self.dir, self.manifest, lambda path, b=backend: self._session(b, self._record_of(path)))
-            except LookupError as e:
+                generator = Generator(self.dir, session_factory=lambda rec, b=backend: self._session(b, rec), mtp=False)
+            except (LookupError, InputError) as e:
                 report.notes.append(f"greedy decode through per-layer graphs not run: {e}")
                 return out
             except Exception as e:  # noqa: BLE001 - see _compare_graph: ONNX Runtime beside TensorRT
@@ -272,7 +281,7 @@ class Validator:
             vocab = self.manifest["config"]["vocab_size"]
             prompt = rng.integers(0, vocab, (2, 20), dtype=np.int64)
             t = time.time()
-            tokens, step_logits = layered.greedy(prompt, self.generate)
+            tokens, step_logits = _greedy(generator, prompt, self.generate)
             with torch.no_grad():
                 expected = model.generate_greedy(torch.from_numpy(prompt), self.generate).numpy()
                 # the reference's logits along the backend's own token path: per-step logits error
