@@ -1,7 +1,7 @@
 """Running a built engine on the GPU with the same call shape as an ONNX Runtime session.
 
 `EngineSession(path).run(None, feeds)` takes and returns numpy arrays, so the validator and the
-layered end-to-end loop drive engines exactly as they drive ONNX Runtime. Before anything runs, the
+runtime (runtime/) drive engines exactly as they drive ONNX Runtime. Before anything runs, the
 engine's metadata is checked against this process: TensorRT flavour and version, and every input
 shape against the engine's profile; a mismatch is an error naming the engine and tensor, never a
 silent rebuild.
@@ -23,7 +23,8 @@ def _torch_dtype(trt, dt):
     import torch
 
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
-             trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
+             trt.DataType.INT64: torch.int64, trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool,
+             trt.DataType.FP8: torch.float8_e4m3fn}
     return table[dt]
 
 
@@ -75,8 +76,11 @@ class EngineSession:
         for name, array in feeds.items():
             array = np.ascontiguousarray(array)
             self._check_shape(name, array.shape)
-            # numpy has no bfloat16: such inputs arrive as float32 and are cast to what the engine wants
-            t = torch.from_numpy(array).cuda().to(_torch_dtype(trt, self.engine.get_tensor_dtype(name)))
+            # numpy has no bfloat16: such inputs arrive as float32 and are cast to what the engine wants;
+            # nor float8: FP8 KV states arrive as their uint8 bits and are reinterpreted, not converted
+            want = _torch_dtype(trt, self.engine.get_tensor_dtype(name))
+            t = torch.from_numpy(array).cuda()
+            t = t.view(want) if want == torch.float8_e4m3fn else t.to(want)
             if t.numel() == 0:  # an empty past (fresh sequence): TensorRT still wants a valid address
                 t = torch.empty(1, dtype=t.dtype, device="cuda")
             keep.append(t)
@@ -92,4 +96,7 @@ class EngineSession:
             raise RuntimeError(f"{self.path.name}: execute_async_v3 failed")
         self.stream.synchronize()
         names = output_names or self.outputs
-        return [(outs[n].float() if outs[n].dtype == torch.bfloat16 else outs[n]).cpu().numpy() for n in names]
+        def host(t):
+            return t.float() if t.dtype == torch.bfloat16 else t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+        return [host(outs[n]).cpu().numpy() for n in names]

@@ -23,7 +23,14 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
-from qwen3next_trt.model.fp8 import FP8Weight, fake_quantize_activation
+from qwen3next_trt.model.fp8 import (
+    FP8_MAX,
+    MIN_SCALE,
+    FP8Weight,
+    fake_quantize_activation,
+    fake_quantize_activation_per_token,
+    quantize_tensor,
+)
 from qwen3next_trt.model.modeling_qwen3_next import (
     Kernels,
     causal_conv1d_with_state,
@@ -95,6 +102,36 @@ def fake_quantize_fp8_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
 
 @fake_quantize_fp8_op.register_fake
 def _(x, scale, zero_point):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qwen3next::quantize_fp8", mutates_args=())
+def quantize_fp8_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return quantize_tensor(x, scale)
+
+
+@quantize_fp8_op.register_fake
+def _(x, scale, zero_point):
+    return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+
+
+@torch.library.custom_op("qwen3next::dequantize_fp8_tensor", mutates_args=())
+def dequantize_fp8_tensor_op(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (x.float() * scale.float()).to(scale.dtype)
+
+
+@dequantize_fp8_tensor_op.register_fake
+def _(x, scale, zero_point):
+    return torch.empty(x.shape, dtype=scale.dtype, device=x.device)
+
+
+@torch.library.custom_op("qwen3next::fake_quantize_fp8_per_token", mutates_args=())
+def fake_quantize_fp8_per_token_op(x: torch.Tensor) -> torch.Tensor:
+    return fake_quantize_activation_per_token(x)
+
+
+@fake_quantize_fp8_per_token_op.register_fake
+def _(x):
     return torch.empty_like(x)
 
 
@@ -175,7 +212,35 @@ def _fake_quantize_fp8_onnx(x, scale, zero_point):
     return opset23.DequantizeLinear(opset23.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
 
+def _quantize_fp8_onnx(x, scale, zero_point):
+    from onnxscript import opset23
+
+    return opset23.QuantizeLinear(x, scale, zero_point)
+
+
+def _dequantize_fp8_tensor_onnx(x, scale, zero_point):
+    from onnxscript import opset23
+
+    return opset23.DequantizeLinear(x, scale, zero_point)
+
+
+def _fake_quantize_fp8_per_token_onnx(x):
+    # Per-token scales computed in the graph, applied as a blocked QuantizeLinear whose one block is
+    # the whole last axis (scale [..., 1]): standard Q/DQ, so ONNX Runtime runs it bit-exactly and
+    # TensorRT's parser takes it (a TensorRT-RTX build accepts it; a Cast-to-FP8 form it refuses).
+    from onnxscript import opset23
+
+    amax = opset23.ReduceMax(opset23.Abs(x), opset23.Constant(value_ints=[-1]), keepdims=1)
+    scale = opset23.Max(opset23.Div(amax, opset23.CastLike(FP8_MAX, x)), opset23.CastLike(MIN_SCALE, x))
+    block = x.shape[-1]
+    q = opset23.QuantizeLinear(x, scale, axis=-1, block_size=block, output_dtype=onnx.TensorProto.FLOAT8E4M3FN)
+    return opset23.DequantizeLinear(q, scale, axis=-1, block_size=block)
+
+
 TRANSLATION_TABLE = {
+    torch.ops.qwen3next.quantize_fp8.default: _quantize_fp8_onnx,
+    torch.ops.qwen3next.dequantize_fp8_tensor.default: _dequantize_fp8_tensor_onnx,
+    torch.ops.qwen3next.fake_quantize_fp8_per_token.default: _fake_quantize_fp8_per_token_onnx,
     torch.ops.qwen3next.fake_quantize_fp8.default: _fake_quantize_fp8_onnx,
     torch.ops.qwen3next.dequantize_fp8.default: _dequantize_fp8_onnx,
     torch.ops.qwen3next.causal_conv_with_state.default: _conv_onnx,

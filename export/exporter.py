@@ -27,7 +27,7 @@ import qwen3next_trt
 from qwen3next_trt.tables import text_table
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.model.config import LINEAR_ATTENTION
-from qwen3next_trt.model.fp8 import SCHEMES, WeightQuantizer
+from qwen3next_trt.model.fp8 import PER_TOKEN, SCHEMES, WeightQuantizer
 from qwen3next_trt.model.loader import WeightSource, layer_prefix
 from qwen3next_trt.model.stats import model_stats
 
@@ -40,6 +40,9 @@ OPSET = 23
 MANIFEST_VERSION = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = ("none", "fp8")  # fp8: FP8 (E4M3) weights, dequantised in the graph
+# FP8 activations: static per-tensor scales from calibration, or per-token scales computed in the graph
+ACTIVATIONS = ("none", "fp8", "fp8-dynamic")
+KV_CACHES = ("none", "fp8")  # fp8: attention key/value states as float8e4m3fn, static per-tensor scales per layer
 STITCHED_MAX_BYTES = 1 << 30  # the whole-model graph only for small models
 EXAMPLE_SIZES = {"batch": 2, "seq": 5, "past": 3}  # distinct, > 1: torch.export specialises 0 and 1
 
@@ -190,23 +193,27 @@ class Exporter:
     def __init__(self, model: str, out_dir: str | Path, dtype: str = "fp32", layers: str | None = None,
                  max_positions: int | None = None, seed: int = 0, force: bool = False, precision: str = "none",
                  fp8_scheme: str = "block", activations: str = "none", calib: int = 16, calib_seq: int = 256,
-                 calib_percentile: float | None = None, progress=print):
+                 calib_percentile: float | None = None, kv_cache: str = "none", progress=print):
         if dtype not in DTYPES:
             raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if precision not in PRECISIONS:
             raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         if fp8_scheme not in SCHEMES:
             raise InputError(f"--fp8-weights {fp8_scheme!r}: expected one of {', '.join(SCHEMES)}")
-        if activations not in ("none", "fp8"):
-            raise InputError(f"--activations {activations!r}: expected none or fp8")
-        if activations == "fp8" and precision != "fp8":
-            raise InputError("--activations fp8 needs --precision fp8 (FP8 weights)")
+        if activations not in ACTIVATIONS:
+            raise InputError(f"--activations {activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+        if activations != "none" and precision != "fp8":
+            raise InputError(f"--activations {activations} needs --precision fp8 (FP8 weights)")
         if calib < 1 or calib_seq < 2:
             raise InputError(f"--calib {calib}: expected at least 1 sequence (of >= 2 tokens)")
         if calib_percentile is not None and not 50 < calib_percentile <= 100:
             raise InputError(f"--calib-percentile {calib_percentile}: expected a percentile in (50, 100]")
         self.activations, self.calib = activations, (calib, calib_seq, calib_percentile)
-        self.act_scales: dict[str, float] | None = None
+        self.act_scales: dict[str, float] | str | None = PER_TOKEN if activations == "fp8-dynamic" else None
+        if kv_cache not in KV_CACHES:
+            raise InputError(f"--kv-cache {kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
+        self.kv_cache = kv_cache
+        self.kv_scales: dict[str, float] | None = None
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.source = WeightSource(model, seed=seed, dtype=self.dtype)
         self.config = cfg = self.source.config
@@ -261,18 +268,18 @@ class Exporter:
         for i in sel.layers:
             t = cfg.layer_types[i]
             yield (f"layer_{i:02d}", lambda i=i, t=t: G.LayerGraph(src.layer(i), cfg, None if t == LINEAR_ATTENTION else rope(), self.dtype,
-                                                                  self.quantizer, layer_prefix(i, cfg), self.act_scales),
+                                                                  self.quantizer, layer_prefix(i, cfg), self.act_scales, self.kv_scales),
                    t, ("prefill", "decode"), i, t, cfg.is_moe_layer(i))
         if sel.final:
             yield "final", lambda: G.FinalGraph(src.final_norm(), src.lm_head(), self.dtype), "final", ("any",), None, None, False
             yield "lm_head", lambda: G.LMHeadGraph(src.lm_head(), self.dtype), "lm_head", ("any",), None, None, False
         if sel.mtp:
-            yield ("mtp", lambda: G.MTPGraph(src.mtp(), cfg, rope(), self.dtype, self.quantizer, self.act_scales), "mtp", ("prefill", "decode"),
+            yield ("mtp", lambda: G.MTPGraph(src.mtp(), cfg, rope(), self.dtype, self.quantizer, self.act_scales, self.kv_scales), "mtp", ("prefill", "decode"),
                    cfg.num_hidden_layers, "full_attention", cfg.num_experts > 0)
         if sel.model:
             def whole():
                 model = src.whole_model(with_mtp=False)
-                return G.ModelGraph(model, rope(), self.dtype, self.quantizer, self.act_scales)
+                return G.ModelGraph(model, rope(), self.dtype, self.quantizer, self.act_scales, self.kv_scales)
             yield "model", whole, "model", ("prefill", "decode"), None, None, False
 
     def run(self) -> dict:
@@ -285,14 +292,19 @@ class Exporter:
         work = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
         t0 = time.time()
         try:
-            if self.activations == "fp8":
+            if self.activations == "fp8" or self.kv_cache == "fp8":
                 from qwen3next_trt.model.calibration import calibrate, calibration_tokens
 
                 count, seq, pct = self.calib
                 tokens = calibration_tokens(count, seq, self.config.vocab_size)
                 self.progress(f"[calibrate] {count} x {seq} tokens of Python stdlib text, "
                               f"{'amax' if pct is None else f'{pct} percentile'} per activation")
-                self.act_scales = calibrate(self.source, tokens, pct, self.progress)
+                scales = calibrate(self.source, tokens, pct, self.progress)
+                kv = {n: s for n, s in scales.items() if n.endswith((".self_attn.key", ".self_attn.value"))}
+                if self.activations == "fp8":
+                    self.act_scales = {n: s for n, s in scales.items() if n not in kv}
+                if self.kv_cache == "fp8":
+                    self.kv_scales = kv
             parts = list(self._parts())
             self.progress(f"[export] {len(parts)} parts of {self.source.describe()} -> {self.out_dir} "
                           f"({self.dtype_name}, opset {OPSET} + {MS_DOMAIN} 1, max positions {self.max_positions})")
@@ -325,11 +337,15 @@ class Exporter:
             "dtype": self.dtype_name,
             "weights_precision": self.quantizer.describe() if self.quantizer else {"format": self.dtype_name},
             "activation_precision": {"format": self.dtype_name} if self.act_scales is None else {
+                "format": "float8e4m3fn", "scheme": "dynamic per-token: scale = max|x| / 448 per row of the last axis, computed in "
+                "the graph; blocked QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE", "scales": PER_TOKEN,
+            } if self.act_scales == PER_TOKEN else {
                 "format": "float8e4m3fn", "scheme": "static per-tensor, QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE",
-                "calibration": {"sequences": self.calib[0], "tokens_per_sequence": self.calib[1],
-                                "statistic": "amax" if self.calib[2] is None else f"percentile {self.calib[2]}",
-                                "text": "Python standard library sources (bytes as token ids)"},
-                "scales": self.act_scales},
+                "calibration": _calibration_record(self.calib), "scales": self.act_scales},
+            "kv_cache": {"format": self.dtype_name} if self.kv_scales is None else {
+                "format": "float8e4m3fn", "scheme": "static per-tensor scales per attention layer (key, value); past "
+                "DequantizeLinear, new tokens Q/DQ before attention, present QuantizeLinear", "calibration": _calibration_record(self.calib),
+                "scales": self.kv_scales},
             "opsets": {"ai.onnx": OPSET, MS_DOMAIN: 1},
             "custom_ops": {op: {"domain": MS_DOMAIN, "version": v} for op, v in CUSTOM_OPS.items()},
             "max_positions": self.max_positions,
@@ -337,6 +353,12 @@ class Exporter:
             "weights": self.weights,
             "graphs": self.records,
         }
+
+
+def _calibration_record(calib: tuple) -> dict:
+    count, seq, pct = calib
+    return {"sequences": count, "tokens_per_sequence": seq, "statistic": "amax" if pct is None else f"percentile {pct}",
+            "text": "Python standard library sources (bytes as token ids)"}
 
 
 def summary_table(manifest: dict) -> str:

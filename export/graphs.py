@@ -31,7 +31,7 @@ from qwen3next_trt.model.modeling_qwen3_next import (
     rope_inverse_frequencies,
 )
 
-from qwen3next_trt.model.fp8 import FP8Weight, WeightQuantizer, is_quantized
+from qwen3next_trt.model.fp8 import PER_TOKEN, FP8Weight, WeightQuantizer, activation_scale, is_quantized
 
 from .custom_ops import export_kernels, stack_experts
 
@@ -78,19 +78,22 @@ class FP8Linear(nn.Module):
     """A linear layer whose weight is stored as FP8 + scales: traced as float8e4m3fn initializer ->
     DequantizeLinear -> MatMul, so the weight bytes in the ONNX file are the FP8 ones."""
 
-    def __init__(self, weight: FP8Weight, bias: torch.Tensor | None, dtype, input_scale: float | None = None):
+    def __init__(self, weight: FP8Weight, bias: torch.Tensor | None, dtype, input_scale: float | str | None = None):
         super().__init__()
         self.register_buffer("weight_fp8", weight.fp8)
         self.register_buffer("weight_scale", weight.row_scale.to(dtype))
         self.block = weight.block
         self.bias = bias
         self.quantize_input = input_scale is not None
-        if self.quantize_input:  # static FP8 activations: QuantizeLinear -> DequantizeLinear on the input
+        self.per_token = input_scale == PER_TOKEN
+        if self.quantize_input and not self.per_token:  # static FP8 activations: QuantizeLinear -> DequantizeLinear on the input
             self.register_buffer("input_scale", torch.tensor(input_scale, dtype=dtype))
             self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
 
     def forward(self, x):
-        if self.quantize_input:
+        if self.per_token:
+            x = torch.ops.qwen3next.fake_quantize_fp8_per_token(x)
+        elif self.quantize_input:
             x = torch.ops.qwen3next.fake_quantize_fp8(x, self.input_scale, self.input_zero_point)
         w = torch.ops.qwen3next.dequantize_fp8(self.weight_fp8, self.weight_scale, self.block)
         return nn.functional.linear(x, w.to(x.dtype), self.bias)
@@ -102,7 +105,7 @@ def quantize_linears_(module: nn.Module, prefix: str, quantizer: WeightQuantizer
         for attr, sub in list(child.named_children()):
             full = f"{prefix}{name + '.' if name else ''}{attr}.weight"
             if isinstance(sub, nn.Linear) and is_quantized(full):
-                scale = act_scales[full] if act_scales else None
+                scale = activation_scale(act_scales, full) if act_scales else None
                 setattr(child, attr, FP8Linear(quantizer(full, sub.weight.detach()), sub.bias, dtype, scale))
     return module
 
@@ -145,7 +148,9 @@ class _WithExperts(nn.Module):
         self.register_buffer(f"{slot}_fc2", fc2)
         self.register_buffer(f"{slot}_fc2_bias", torch.zeros(fc2.shape[:2], dtype=self.dtype))
         self._expert_slots[id(block)] = (slot, block_size)
-        if self.act_scales:
+        if self.act_scales == PER_TOKEN:
+            block.expert_input_quant = torch.ops.qwen3next.fake_quantize_fp8_per_token
+        elif self.act_scales:
             self.register_buffer(f"{slot}_input_scale", torch.tensor(self.act_scales[f"{prefix}mlp.experts"], dtype=self.dtype))
             self.register_buffer(f"{slot}_input_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
             block.expert_input_quant = lambda x, slot=slot: torch.ops.qwen3next.fake_quantize_fp8(
@@ -163,7 +168,49 @@ class _WithExperts(nn.Module):
         return fc1, fc1_bias, fc2, fc2_bias
 
 
-def _state_ports(config: Qwen3NextConfig, layer_type: str, tag: str, dtype, batch="batch", past="past"):
+class KVCacheIO(nn.Module):
+    """How an attention layer's key/value state crosses the graph boundary. Plain: as is. FP8
+    (static per-tensor scales from calibration): the past arrives as float8e4m3fn and is dequantised;
+    this step's keys/values are rounded through E4M3 (Q/DQ) before attention, as the cache will hold
+    them; the present leaves through QuantizeLinear, which is exact since every value is on the grid.
+    ONNX's Concat takes no float8, hence dequantise -> concat -> quantise."""
+
+    def __init__(self, dtype, scales: tuple[float, float] | None = None):
+        super().__init__()
+        self.fp8 = scales is not None
+        if self.fp8:
+            self.register_buffer("key_scale", torch.tensor(scales[0], dtype=dtype))
+            self.register_buffer("value_scale", torch.tensor(scales[1], dtype=dtype))
+            self.register_buffer("kv_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
+
+    @property
+    def dtype(self):
+        return torch.float8_e4m3fn if self.fp8 else None
+
+    def load(self, past_key, past_value, attention_mask) -> AttentionCache:
+        if not self.fp8:
+            return AttentionCache.from_tensors(past_key, past_value, attention_mask)
+        zp = self.kv_zero_point
+        cache = AttentionCache.from_tensors(torch.ops.qwen3next.dequantize_fp8_tensor(past_key, self.key_scale, zp),
+                                            torch.ops.qwen3next.dequantize_fp8_tensor(past_value, self.value_scale, zp), attention_mask)
+        cache.quantize = lambda k, v: (torch.ops.qwen3next.fake_quantize_fp8(k, self.key_scale, zp),
+                                       torch.ops.qwen3next.fake_quantize_fp8(v, self.value_scale, zp))
+        return cache
+
+    def store(self, cache: AttentionCache):
+        if not self.fp8:
+            return cache.key, cache.value
+        zp = self.kv_zero_point
+        return (torch.ops.qwen3next.quantize_fp8(cache.key, self.key_scale, zp),
+                torch.ops.qwen3next.quantize_fp8(cache.value, self.value_scale, zp))
+
+
+def kv_scales_of(kv_scales: dict | None, prefix: str) -> tuple[float, float] | None:
+    """(key scale, value scale) of the attention layer with checkpoint prefix `prefix`, if FP8 KV."""
+    return None if kv_scales is None else (kv_scales[f"{prefix}self_attn.key"], kv_scales[f"{prefix}self_attn.value"])
+
+
+def _state_ports(config: Qwen3NextConfig, layer_type: str, tag: str, dtype, batch="batch", past="past", kv_dtype=None):
     """(state-in ports, state-out ports) of one layer."""
     if layer_type == LINEAR_ATTENTION:
         conv = [batch, config.linear_conv_dim, config.linear_conv_kernel_dim - 1]
@@ -175,8 +222,9 @@ def _state_ports(config: Qwen3NextConfig, layer_type: str, tag: str, dtype, batc
         return ins, outs
     kv_in = [batch, config.num_key_value_heads, past, config.head_dim]
     kv_out = [batch, config.num_key_value_heads, f"{past}+seq", config.head_dim]
-    ins = [Port(f"{tag}past_key", STATE_IN, kv_in, dtype, f"{tag}key"), Port(f"{tag}past_value", STATE_IN, kv_in, dtype, f"{tag}value")]
-    outs = [Port(f"{tag}present_key", STATE_OUT, kv_out, dtype, f"{tag}key"), Port(f"{tag}present_value", STATE_OUT, kv_out, dtype, f"{tag}value")]
+    kv = kv_dtype or dtype
+    ins = [Port(f"{tag}past_key", STATE_IN, kv_in, kv, f"{tag}key"), Port(f"{tag}past_value", STATE_IN, kv_in, kv, f"{tag}value")]
+    outs = [Port(f"{tag}present_key", STATE_OUT, kv_out, kv, f"{tag}key"), Port(f"{tag}present_value", STATE_OUT, kv_out, kv, f"{tag}value")]
     return ins, outs
 
 
@@ -184,17 +232,19 @@ class LayerGraph(_WithExperts):
     """A decoder layer (or the MTP layer's decoder block) with its state as inputs and outputs."""
 
     def __init__(self, layer: Qwen3NextDecoderLayer, config: Qwen3NextConfig, rope: RopeCache | None, dtype,
-                 quantizer: WeightQuantizer | None = None, prefix: str = "", act_scales: dict | None = None):
+                 quantizer: WeightQuantizer | None = None, prefix: str = "", act_scales: dict | None = None,
+                 kv_scales: dict | None = None):
         super().__init__(quantizer, dtype, act_scales)
         self.layer = layer
         self.rope = rope
         self.linear = layer.layer_type == LINEAR_ATTENTION
+        self.kv = None if self.linear else KVCacheIO(dtype, kv_scales_of(kv_scales, prefix))
         self.fixed_args = 1
         self._add_experts(layer.mlp, "experts", prefix)
         if quantizer is not None:
             quantize_linears_(layer, prefix, quantizer, dtype, act_scales)
         H = config.hidden_size
-        state_in, state_out = _state_ports(config, layer.layer_type, "", dtype)
+        state_in, state_out = _state_ports(config, layer.layer_type, "", dtype, kv_dtype=self.kv and self.kv.dtype)
         self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", H], dtype), *([] if self.linear else _attention_inputs()), *state_in]
         self.outputs = [Port("hidden_out", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
 
@@ -204,9 +254,9 @@ class LayerGraph(_WithExperts):
             out = self.layer(hidden, None, cache, self.kernels)
             return out, cache.conv_state, cache.recurrent_state
         position_ids, attention_mask, past_key, past_value = args
-        cache = AttentionCache.from_tensors(past_key, past_value, attention_mask)
+        cache = self.kv.load(past_key, past_value, attention_mask)
         out = self.layer(hidden, self.rope.rotation(position_ids), cache, self.kernels)
-        return out, cache.key, cache.value
+        return out, *self.kv.store(cache)
 
 
 class EmbedGraph(nn.Module):
@@ -247,32 +297,35 @@ class LMHeadGraph(nn.Module):
 
 class MTPGraph(_WithExperts):
     def __init__(self, mtp: nn.Module, config: Qwen3NextConfig, rope: RopeCache, dtype,
-                 quantizer: WeightQuantizer | None = None, act_scales: dict | None = None):
+                 quantizer: WeightQuantizer | None = None, act_scales: dict | None = None, kv_scales: dict | None = None):
         super().__init__(quantizer, dtype, act_scales)
         self.mtp, self.rope = mtp, rope
+        self.kv = KVCacheIO(dtype, kv_scales_of(kv_scales, "mtp.layers.0."))
         self._add_experts(mtp.layers[0].mlp, "experts", "mtp.layers.0.")
         if quantizer is not None:
             quantize_linears_(mtp, "mtp.", quantizer, dtype, act_scales)
         H = config.hidden_size
-        state_in, state_out = _state_ports(config, "full_attention", "", dtype)
+        state_in, state_out = _state_ports(config, "full_attention", "", dtype, kv_dtype=self.kv.dtype)
         self.inputs = [Port("next_embeds", ACTIVATION, ["batch", "seq", H], dtype),
                        Port("hidden", ACTIVATION, ["batch", "seq", H], dtype),
                        *_attention_inputs(), *state_in]
         self.outputs = [Port("mtp_hidden", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
 
     def forward(self, next_embeds, hidden, position_ids, attention_mask, past_key, past_value):
-        cache = AttentionCache.from_tensors(past_key, past_value, attention_mask)
+        cache = self.kv.load(past_key, past_value, attention_mask)
         out = self.mtp(next_embeds, hidden, self.rope.rotation(position_ids), cache, 0, self.kernels)
-        return out, cache.key, cache.value
+        return out, *self.kv.store(cache)
 
 
 class ModelGraph(_WithExperts):
     """The whole main model in one graph (small models): every layer's state in and out."""
 
     def __init__(self, model: nn.Module, rope: RopeCache, dtype, quantizer: WeightQuantizer | None = None,
-                 act_scales: dict | None = None):
+                 act_scales: dict | None = None, kv_scales: dict | None = None):
         super().__init__(quantizer, dtype, act_scales)
         self.model, self.rope = model, rope
+        self.kv = nn.ModuleList(KVCacheIO(dtype, None if t == LINEAR_ATTENTION else kv_scales_of(kv_scales, f"model.layers.{i}."))
+                                for i, t in enumerate(model.config.layer_types))
         self.fixed_args = 3
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
@@ -284,7 +337,7 @@ class ModelGraph(_WithExperts):
         self.outputs = [Port("logits", ACTIVATION, ["batch", "seq", cfg.vocab_size], dtype),
                         Port("hidden_normed", ACTIVATION, ["batch", "seq", cfg.hidden_size], dtype)]
         for i, t in enumerate(cfg.layer_types):
-            ins, outs = _state_ports(cfg, t, f"layer_{i:02d}.", dtype)
+            ins, outs = _state_ports(cfg, t, f"layer_{i:02d}.", dtype, kv_dtype=self.kv[i].dtype)
             self.inputs += ins
             self.outputs += outs
 
@@ -295,8 +348,9 @@ class ModelGraph(_WithExperts):
         outs = []
         for i, layer in enumerate(m.layers):
             a, b = states[2 * i], states[2 * i + 1]
-            cache = DeltaNetCache.from_tensors(a, b) if layer.layer_type == LINEAR_ATTENTION else AttentionCache.from_tensors(a, b, attention_mask)
+            linear = layer.layer_type == LINEAR_ATTENTION
+            cache = DeltaNetCache.from_tensors(a, b) if linear else self.kv[i].load(a, b, attention_mask)
             x = layer(x, rotate, cache, self.kernels)
-            outs += [cache.conv_state, cache.recurrent_state] if layer.layer_type == LINEAR_ATTENTION else [cache.key, cache.value]
+            outs += [cache.conv_state, cache.recurrent_state] if linear else list(self.kv[i].store(cache))
         normed = m.norm(x)
         return (self.model.lm_head(normed), normed, *outs)

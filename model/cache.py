@@ -23,6 +23,9 @@ class AttentionCache:
         # real. Rows of a batch with different lengths (left padding, rejected speculative drafts)
         # leave slots that no query may see.
         self.key_mask: torch.Tensor | None = None
+        # FP8 KV cache: (k, v) -> (k, v) rounded through E4M3 with the layer's static scales, applied
+        # to every token as it enters the cache, so attention sees what an FP8 cache stores
+        self.quantize = None
 
     @classmethod
     def from_tensors(cls, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None = None) -> "AttentionCache":
@@ -32,6 +35,8 @@ class AttentionCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Add this step's keys/values [B, Hkv, T, D]; return all keys/values so far."""
+        if self.quantize is not None:
+            k, v = self.quantize(k, v)
         if self.key is None:
             self.key, self.value = k, v
         else:

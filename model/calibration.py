@@ -18,7 +18,9 @@ import torch
 
 from qwen3next_trt.errors import InputError
 
+from .cache import AttentionCache
 from .fp8 import FP8_MAX, activation_points
+from .config import LINEAR_ATTENTION
 from .loader import WeightSource, layer_prefix
 from .modeling_qwen3_next import Qwen3NextRotaryEmbedding
 
@@ -43,16 +45,26 @@ def calibration_tokens(count: int, seq: int, vocab: int) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate(source: WeightSource, tokens: torch.Tensor, percentile: float | None = None, progress=print) -> dict[str, float]:
-    """{activation name: scale} with scale = range / 448, range = max |x| (or its `percentile`)."""
+    """{activation name: scale} with scale = range / 448, range = max |x| (or its `percentile`).
+
+    Names: a quantised linear's weight name for its input, `<prefix>mlp.experts` for a MoE input, and
+    `<prefix>self_attn.key` / `.value` for what an attention layer stores in its KV cache."""
     cfg = source.config
     ranges: dict[str, float] = {}
 
+    def observe_tensor(name, x):
+        x = x.detach().float().abs().flatten()
+        r = torch.quantile(x[:: max(1, x.numel() // 1_000_000)], percentile / 100).item() if percentile else x.max().item()
+        ranges[name] = max(ranges.get(name, 0.0), r)
+
     def record(name):
         def hook(module, args):
-            x = args[0].detach().float().abs().flatten()
-            r = torch.quantile(x[:: max(1, x.numel() // 1_000_000)], percentile / 100).item() if percentile else x.max().item()
-            ranges[name] = max(ranges.get(name, 0.0), r)
+            observe_tensor(name, args[0])
         return hook
+
+    def observe_cache(cache, prefix):
+        observe_tensor(f"{prefix}self_attn.key", cache.key)
+        observe_tensor(f"{prefix}self_attn.value", cache.value)
 
     def observe(module, prefix):
         handles = []
@@ -67,17 +79,22 @@ def calibrate(source: WeightSource, tokens: torch.Tensor, percentile: float | No
     for i in range(n):
         layer = source.layer(i).float()
         handles = observe(layer, layer_prefix(i, cfg))
-        hidden = layer(hidden, rotate)
+        cache = None if layer.layer_type == LINEAR_ATTENTION else AttentionCache()
+        hidden = layer(hidden, rotate, cache)
         for h in handles:
             h.remove()
+        if cache is not None:
+            observe_cache(cache, layer_prefix(i, cfg))
         progress(f"[calibrate] layer {i + 1}/{n}: {len(ranges)} activation ranges so far")
         del layer
     if cfg.num_mtp_layers:
         normed = source.final_norm().float()(hidden)
         mtp = source.mtp().float()
         handles = observe(mtp, "mtp.")
-        mtp(source.embedding().float()(tokens[:, 1:]), normed[:, :-1], Qwen3NextRotaryEmbedding(cfg).rotation(positions[:, :-1], torch.float32))
+        cache = AttentionCache()
+        mtp(source.embedding().float()(tokens[:, 1:]), normed[:, :-1], Qwen3NextRotaryEmbedding(cfg).rotation(positions[:, :-1], torch.float32), cache)
         for h in handles:
             h.remove()
+        observe_cache(cache, "mtp.layers.0.")
         progress("[calibrate] MTP layer")
     return {name: (r / FP8_MAX if r > 0 else 1.0) for name, r in sorted(ranges.items())}

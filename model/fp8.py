@@ -122,8 +122,45 @@ def fake_quantize_(module: torch.nn.Module, prefix: str, quantizer: WeightQuanti
 
 def fake_quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x rounded through E4M3 with one scale (saturating at +-448, as ONNX QuantizeLinear does)."""
-    q = (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return (q.float() * scale.float()).to(x.dtype)
+    return (quantize_tensor(x, scale).float() * scale.float()).to(x.dtype)
+
+
+# Dynamic per-token scales: the alternative to calibration. Each token (row of the last axis) gets
+# scale = max|x| / 448 at run time; a row of zeros gets the smallest scale instead of 0 (which
+# would divide by zero). The manifest and the exporter carry the string PER_TOKEN where static
+# mode carries the dict of calibrated scales.
+PER_TOKEN = "per-token"
+MIN_SCALE = 2.0**-40
+
+
+def fake_quantize_activation_per_token(x: torch.Tensor) -> torch.Tensor:
+    scale = (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
+    return fake_quantize_activation(x, scale)
+
+
+def quantize_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 values of x / scale (saturating): what QuantizeLinear with a float8 zero point stores."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def kv_quantizer(key_scale: float, value_scale: float):
+    """The AttentionCache.quantize of an FP8 KV cache with static per-tensor scales."""
+    sk, sv = torch.tensor(key_scale), torch.tensor(value_scale)
+    return lambda k, v: (fake_quantize_activation(k, sk), fake_quantize_activation(v, sv))
+
+
+def fake_quantize_kv_(model, scales: dict[str, float]):
+    """Give a Qwen3NextForCausalLM the FP8 KV cache of an export (scales from its manifest)."""
+    for i, t in enumerate(model.config.layer_types):
+        key = f"model.layers.{i}.self_attn.key"
+        if key in scales:
+            model.kv_quantize[i] = kv_quantizer(scales[key], scales[f"model.layers.{i}.self_attn.value"])
+    return model
+
+
+def activation_scale(scales: dict | str, name: str):
+    """The scale of one activation point: a calibrated float, or PER_TOKEN."""
+    return PER_TOKEN if scales == PER_TOKEN else scales[name]
 
 
 def activation_points(module: torch.nn.Module, prefix: str):
@@ -145,9 +182,12 @@ def activation_points(module: torch.nn.Module, prefix: str):
 def fake_quantize_activations_(module: torch.nn.Module, prefix: str, scales: dict[str, float]):
     """Round every quantised activation of `module` through FP8 with its calibrated scale (hooks)."""
     for name, sub in activation_points(module, prefix):
-        scale = torch.tensor(scales[name])
-        if name.endswith(".experts"):
-            sub.expert_input_quant = lambda x, s=scale: fake_quantize_activation(x, s)
+        if scales == PER_TOKEN:
+            quant = fake_quantize_activation_per_token
         else:
-            sub.register_forward_pre_hook(lambda m, args, s=scale: (fake_quantize_activation(args[0], s), *args[1:]))
+            quant = lambda x, s=torch.tensor(scales[name]): fake_quantize_activation(x, s)  # noqa: E731
+        if name.endswith(".experts"):
+            sub.expert_input_quant = quant
+        else:
+            sub.register_forward_pre_hook(lambda m, args, q=quant: (q(args[0]), *args[1:]))
     return module

@@ -466,10 +466,15 @@ class Qwen3NextForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = Qwen3NextMTP(config) if config.num_mtp_layers else None
+        # FP8 KV cache: {attention layer index: AttentionCache.quantize}, applied by new_cache
+        self.kv_quantize: dict[int, Callable] = {}
 
     def new_cache(self, batch_size: int) -> Qwen3NextCache:
         p = self.lm_head.weight
-        return Qwen3NextCache(self.config, batch_size, dtype=p.dtype, device=p.device)
+        cache = Qwen3NextCache(self.config, batch_size, dtype=p.dtype, device=p.device)
+        for i, quantize in self.kv_quantize.items():
+            cache.layers[i].quantize = quantize
+        return cache
 
     def positions(self, input_ids, cache: Qwen3NextCache | None):
         start = cache.seq_len if cache is not None else 0

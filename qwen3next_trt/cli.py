@@ -115,7 +115,7 @@ def cmd_export(args) -> int:
 
     manifest = Exporter(args.model, args.out, dtype=args.dtype, layers=args.layers, max_positions=args.max_positions,
                         seed=args.seed, force=args.force, precision=args.precision, fp8_scheme=args.fp8_weights,
-                        activations=args.activations, calib=args.calib, calib_percentile=args.calib_percentile,
+                        activations=args.activations, calib=args.calib, calib_percentile=args.calib_percentile, kv_cache=args.kv_cache,
                         progress=lambda m: print(m, flush=True)).run()
     print()
     print(summary_table(manifest))
@@ -211,6 +211,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from qwen3next_trt.deploy.repository import write_repository
+
+    out = write_repository(args.onnx, args.out, args.engines, default_max_tokens=args.max_tokens, instances=args.instances,
+                           batch_window_ms=args.batch_window_ms)
+    print(f"wrote Triton model repository {out} (see deploy/README.md; serve it with `python -m qwen3next_trt.deploy.server --repo {out}`)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen3next-trt", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
@@ -241,8 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: linear weights as FP8 E4M3 + scales (DequantizeLinear in the graph); an FP8 checkpoint's own bytes are kept")
     s.add_argument("--fp8-weights", choices=("block", "channel"), default="block",
                    help="how weights of a non-FP8 source are quantised: 128x128 blocks (default) or per output channel")
-    s.add_argument("--activations", choices=("none", "fp8"), default="none",
-                   help="fp8: static per-tensor FP8 activations (Q/DQ) before every FP8 MatMul and MoE, scales calibrated")
+    s.add_argument("--activations", choices=("none", "fp8", "fp8-dynamic"), default="none",
+                   help="fp8: static per-tensor FP8 activations (Q/DQ) before every FP8 MatMul and MoE, scales calibrated; "
+                        "fp8-dynamic: per-token scales computed in the graph (no calibration)")
+    s.add_argument("--kv-cache", choices=("none", "fp8"), default="none",
+                   help="fp8: attention key/value states as FP8 E4M3 with calibrated per-layer scales (half the KV bytes)")
     s.add_argument("--calib", type=int, default=16, help="calibration sequences (256 tokens each) for --activations fp8")
     s.add_argument("--calib-percentile", type=float, help="use this percentile of |x| instead of the max (e.g. 99.99)")
     s.set_defaults(fn=cmd_export)
@@ -296,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-chunk", type=int, help="prefill long prompts in chunks of this many tokens")
     s.add_argument("--json", help="write tokens and stats here")
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("deploy", help="write a Triton Inference Server model repository (Python-backend runtime model, tensorrt_plan entries)")
+    s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
+    s.add_argument("--engines", help="engines directory: the runtime model runs them, and each gets a tensorrt_plan entry")
+    s.add_argument("--out", required=True, help="repository directory (replaced if it holds an earlier repository)")
+    s.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
+    s.add_argument("--instances", type=int, default=1, help="model instances (CPU processes)")
+    s.add_argument("--batch-window-ms", type=int, default=10, help="how long the model gathers greedy requests into one batch")
+    s.set_defaults(fn=cmd_deploy)
 
     s = sub.add_parser("random-checkpoint", help="write a seeded random HF-format checkpoint of a config")
     s.add_argument("--model", required=True, help="preset or checkpoint directory (its config)")

@@ -17,17 +17,44 @@ from qwen3next_trt.export.manifest import read_manifest
 
 from .state import StateStore
 
-def onnxrt_factory(onnx_dir: str | Path, threads: int | None = None):
-    import onnxruntime as ort
+FLOAT8 = "tensor(float8e4m3fn)"
+FLOAT8_ONNX = 17  # onnx.TensorProto.FLOAT8E4M3FN (onnx itself is not needed at run time)
 
-    def open_session(record: dict):
+
+class OrtSession:
+    """An ONNX Runtime (CPU) session whose float8e4m3fn inputs and outputs travel as uint8 arrays of
+    the same bits (numpy has no float8; an FP8 KV cache has such states)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self._ort = ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        return ort.InferenceSession(str(Path(onnx_dir) / record["file"]), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.fp8_inputs = {i.name for i in self.session.get_inputs() if i.type == FLOAT8}
+        self.has_fp8 = bool(self.fp8_inputs) or any(o.type == FLOAT8 for o in self.session.get_outputs())
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    return open_session
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, names, feed: dict) -> list[np.ndarray]:
+        if not self.has_fp8:
+            return self.session.run(names, feed)
+        OrtValue = self._ort.OrtValue
+        values = {k: OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(v, dtype=np.uint8), FLOAT8_ONNX)
+                  if k in self.fp8_inputs else OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
+        return [o.numpy() for o in self.session.run_with_ort_values(names or self.output_names, values)]
+
+
+def onnxrt_factory(onnx_dir: str | Path, threads: int | None = None):
+    return lambda record: OrtSession(Path(onnx_dir) / record["file"], threads)
 
 
 def engine_factory(engines_dir: str | Path):

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
+# float8e4m3fn states (FP8 KV cache) are kept as their uint8 bits: numpy has no float8
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "float8e4m3fn": np.uint8}
 
 
 @dataclass

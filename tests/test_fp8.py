@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qwen3next_trt.cli import main
 from qwen3next_trt.export.exporter import Exporter
@@ -208,3 +208,94 @@ def test_activation_options_are_checked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--calib 100000000" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def fp8_dynamic_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8dyn") / "onnx"
+    Exporter("tiny", out, layers="0,3", precision="fp8", activations="fp8-dynamic", progress=lambda m: None).run()
+    return out
+
+
+def test_dynamic_per_token_scales_are_computed_in_the_graph(fp8_dynamic_export):
+    manifest = json.loads((fp8_dynamic_export / "manifest.json").read_text())
+    assert manifest["activation_precision"]["scales"] == "per-token"
+    model, inits = initializers(fp8_dynamic_export / "layer_03.prefill.onnx")
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert q, "no activation QuantizeLinear"
+    for n in q:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        assert n.input[1] not in inits  # the scale is computed from the activation, not stored
+        assert attrs["output_dtype"] == TensorProto.FLOAT8E4M3FN and attrs["block_size"] > 1 and attrs["axis"] == -1
+
+
+def test_dynamic_per_token_quantisation_matches_its_definition():
+    # oracle: float64 loop over tokens, E4M3 rounding via ml_dtypes (independent of torch's float8)
+    import ml_dtypes
+
+    from qwen3next_trt.model.fp8 import fake_quantize_activation_per_token
+
+    x = torch.randn(3, 5, 64) * torch.logspace(-3, 3, 5)[None, :, None]
+    x[1, 2] = 0.0  # an all-zero token must not divide by zero
+    got = fake_quantize_activation_per_token(x).numpy()
+    xs = x.numpy().astype(np.float32)
+    for b in range(3):
+        for t in range(5):
+            s = np.float32(max(np.abs(xs[b, t]).max() / np.float32(448.0), 2.0**-40))
+            want = (xs[b, t] / s).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s
+            np.testing.assert_array_equal(got[b, t], want)
+
+
+def test_dynamic_fp8_export_matches_the_fake_quantised_reference_and_builds(fp8_dynamic_export, tmp_path):
+    report = Validator(fp8_dynamic_export, progress=lambda m: None).run()
+    assert report.passed
+    assert max(r.max_abs / max(r.ref_max, 1e-6) for r in report.rows) <= 1e-3
+    pytest.importorskip("tensorrt_rtx")
+    assert main(["build", "--onnx", str(fp8_dynamic_export), "--out", str(tmp_path / "eng"), "--graphs", "layer_00.decode,layer_03.decode"]) == 0
+    layers = json.loads((tmp_path / "eng" / "layer_03.decode.engine.json").read_text())["layers"]
+    assert any("QUANTIZE" in str(layer) for layer in layers)
+
+
+@pytest.fixture(scope="module")
+def fp8_kv_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp8kv") / "onnx"
+    Exporter("tiny", out, kv_cache="fp8", calib=2, progress=lambda m: None).run()
+    return out
+
+
+def test_fp8_kv_cache_states_are_float8_with_calibrated_scales(fp8_kv_export):
+    manifest = json.loads((fp8_kv_export / "manifest.json").read_text())
+    kv = manifest["kv_cache"]
+    cfg = load_preset("tiny")
+    attention = [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"]
+    assert set(kv["scales"]) == {f"model.layers.{i}.self_attn.{k}" for i in attention for k in ("key", "value")} | {
+        "mtp.layers.0.self_attn.key", "mtp.layers.0.self_attn.value"}
+    assert all(0 < s < 1 for s in kv["scales"].values())
+    assert manifest["activation_precision"]["format"] == "fp32"  # KV only: the rest stays float
+    for g in manifest["graphs"]:
+        kv_ports = [p for p in g["inputs"] + g["outputs"] if p.get("state", "").endswith(("key", "value"))]
+        assert all(p["dtype"] == "float8e4m3fn" for p in kv_ports), g["name"]
+        recurrent = [p for p in g["inputs"] if p.get("state", "").endswith("recurrent_state")]
+        assert all(p["dtype"] == "float32" for p in recurrent)  # DeltaNet state stays float32 always
+
+
+def test_fp8_kv_cache_export_matches_the_reference_and_generates_its_tokens(fp8_kv_export):
+    from qwen3next_trt.model.fp8 import fake_quantize_kv_
+    from qwen3next_trt.model.loader import WeightSource
+    from qwen3next_trt.runtime import Generator
+
+    report = Validator(fp8_kv_export, progress=lambda m: None).run()
+    assert report.passed, [r for r in report.rows if not r.passed]
+    assert all(v["token_agreement"] == 1.0 for v in report.end_to_end.values() if "token_agreement" in v)
+    # the runtime keeps float8 states as their bits; its greedy tokens equal the reference's with the
+    # same KV rounding (and differ from the float model's somewhere, or the rounding did nothing)
+    scales = json.loads((fp8_kv_export / "manifest.json").read_text())["kv_cache"]["scales"]
+    model = WeightSource("tiny").whole_model(with_mtp=False).float()
+    prompts = [np.random.default_rng(5).integers(0, 512, n).tolist() for n in (20, 11)]
+    gen = Generator(fp8_kv_export)
+    got = gen.generate(prompts, 16)
+    assert gen.generate(prompts, 16, mtp_k=2) == got
+    fake_quantize_kv_(model, scales)
+    assert got == [model.generate_greedy(torch.tensor([p]), 16)[0].tolist() for p in prompts]
+    kv_store = gen.model.new_store(1, 4)
+    assert any(s.buffer.dtype == np.uint8 for slots in kv_store.layers for s in slots)

@@ -8,8 +8,9 @@ longer than one 64-token scan chunk.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "float8e4m3fn": np.uint8}
 STATE_SCALE = {"conv_state": 1.0, "recurrent_state": 0.5, "key": 1.0, "value": 1.0}
 
 
@@ -41,6 +42,9 @@ def make_feed(record: dict, config: dict, rng: np.random.Generator, batch: int, 
             kind = p["state"].rsplit(".", 1)[-1]
             if past == 0:
                 feed[p["name"]] = np.zeros(shape, dtype)
+            elif p["dtype"] == "float8e4m3fn":  # FP8 KV cache: E4M3 bits of values up to ~+-200 (x the state's scale)
+                values = torch.from_numpy((64 * rng.standard_normal(shape)).astype(np.float32))
+                feed[p["name"]] = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
             else:
                 feed[p["name"]] = (STATE_SCALE.get(kind, 1.0) * rng.standard_normal(shape)).astype(dtype)
         else:

@@ -25,7 +25,7 @@ from qwen3next_trt.export.manifest import read_manifest
 
 from .inputs import feeds_for
 from qwen3next_trt.runtime import GraphModel
-from .reference import ReferencePart, weight_source
+from .reference import ReferencePart, kv_scales_for, weight_source
 from .validator import _onnxrt_session, _seed, check_files, metrics
 
 
@@ -85,7 +85,9 @@ class QualityCheck:
         for g in self.manifest["graphs"]:
             groups.setdefault(g["weights"], []).append(g)
         for records in groups.values():
-            part = ReferencePart(records[0], self.source)  # no fake quantisation: the float model
+            # no fake quantisation: the float model (an FP8 KV cache's float8 inputs are still read as such)
+            part = ReferencePart(records[0], self.source, kv_scales=kv_scales_for(records[0], self.manifest, self.source.config),
+                                 fake_quantize_kv=False)
             for rec in records:
                 session = _onnxrt_session(self.dir / rec["file"])
                 for label, feed in feeds_for(rec, self.manifest["config"], seed=_seed(rec["name"]))[:1]:

@@ -20,7 +20,7 @@ from polygraphy.datatype import DataType
 from qwen3next_trt.model import AttentionCache, DeltaNetCache, Qwen3NextCache
 from qwen3next_trt.model.config import LINEAR_ATTENTION
 from qwen3next_trt.errors import InputError
-from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_, fake_quantize_activations_
+from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_, fake_quantize_activations_, kv_quantizer
 from qwen3next_trt.model.loader import RANDOM_INIT_VERSION, WeightSource, layer_prefix
 from qwen3next_trt.model.modeling_qwen3_next import Qwen3NextRotaryEmbedding
 
@@ -46,12 +46,43 @@ def weight_source(manifest: dict, model: str | None = None) -> WeightSource:
     return WeightSource(model, seed=src.get("seed", 0), dtype=TORCH_DTYPES[manifest["dtype"]])
 
 
+def kv_scales_for(record: dict, manifest: dict, config) -> dict[str, float]:
+    """{state port: scale} of a graph's float8 key/value ports; empty without an FP8 KV cache."""
+    kv = manifest.get("kv_cache", {})
+    if kv.get("format") != "float8e4m3fn":
+        return {}
+    out = {}
+
+    def add(tag, prefix):
+        for kind in ("key", "value"):
+            out[f"{tag}past_{kind}"] = out[f"{tag}present_{kind}"] = kv["scales"][f"{prefix}self_attn.{kind}"]
+
+    if record["kind"] == "full_attention":
+        add("", layer_prefix(record["layer"], config))
+    elif record["kind"] == "mtp":
+        add("", "mtp.layers.0.")
+    elif record["kind"] == "model":
+        for i, t in enumerate(config.layer_types):
+            if t != LINEAR_ATTENTION:
+                add(f"layer_{i:02d}.", layer_prefix(i, config))
+    return out
+
+
+def dequantize_kv(bits: np.ndarray, scale: float) -> np.ndarray:
+    """float32 values of float8e4m3fn bits (uint8) times the state's scale."""
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn).float().numpy() * np.float32(scale)
+
+
 class ReferencePart:
     """Callable: feed dict (numpy) -> outputs dict (numpy, float32 for floats), for one graph group."""
 
     def __init__(self, record: dict, source: WeightSource, quantizer: WeightQuantizer | None = None,
-                 act_scales: dict | None = None):
+                 act_scales: dict | None = None, kv_scales: dict[str, float] | None = None, fake_quantize_kv: bool = True):
         self.record, self.config = record, source.config
+        # FP8 KV cache: {state port: scale} (kv_scales_for); float8 inputs are read with these scales,
+        # and new keys/values are rounded through E4M3 unless fake_quantize_kv is False (the float model)
+        self.kv_scales = kv_scales or {}
+        self.fake_quantize_kv = fake_quantize_kv
         kind = record["kind"]
         f32 = torch.float32
         if kind == "embed":
@@ -81,16 +112,23 @@ class ReferencePart:
 
     @torch.no_grad()
     def __call__(self, feed: dict) -> OrderedDict:
-        t = {k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}
+        t = {k: torch.from_numpy(dequantize_kv(v, self.kv_scales[k]) if k in self.kv_scales else np.asarray(v)) for k, v in feed.items()}
         t = {k: v.float() if v.is_floating_point() else v for k, v in t.items()}
         kind, m = self.record["kind"], self.module
+
+        def attention_cache(tag, mask):
+            cache = AttentionCache.from_tensors(t[tag + "past_key"], t[tag + "past_value"], mask)
+            if tag + "past_key" in self.kv_scales and self.fake_quantize_kv:
+                cache.quantize = kv_quantizer(self.kv_scales[tag + "past_key"], self.kv_scales[tag + "past_value"])
+            return cache
+
         if kind == "embed":
             outs = [m(t["input_ids"])]
         elif kind == LINEAR_ATTENTION:
             cache = DeltaNetCache.from_tensors(t["conv_state"], t["recurrent_state"])
             outs = [m(t["hidden"], None, cache), cache.conv_state, cache.recurrent_state]
         elif kind == "full_attention":
-            cache = AttentionCache.from_tensors(t["past_key"], t["past_value"], t["attention_mask"])
+            cache = attention_cache("", t["attention_mask"])
             rotate = self.rope.rotation(t["position_ids"], torch.float32)
             outs = [m(t["hidden"], rotate, cache), cache.key, cache.value]
         elif kind == "final":
@@ -100,18 +138,17 @@ class ReferencePart:
         elif kind == "lm_head":
             outs = [m(t["hidden"])]
         elif kind == "mtp":
-            cache = AttentionCache.from_tensors(t["past_key"], t["past_value"], t["attention_mask"])
+            cache = attention_cache("", t["attention_mask"])
             rotate = self.rope.rotation(t["position_ids"], torch.float32)
             outs = [m(t["next_embeds"], t["hidden"], rotate, cache), cache.key, cache.value]
         else:  # the stitched model
             cache = Qwen3NextCache(self.config, t["input_ids"].shape[0])
-            for i, (layer_type, layer_cache) in enumerate(zip(self.config.layer_types, cache.layers)):
+            for i, layer_type in enumerate(self.config.layer_types):
                 tag = f"layer_{i:02d}."
                 if layer_type == LINEAR_ATTENTION:
-                    layer_cache.conv_state, layer_cache.recurrent_state = t[tag + "conv_state"], t[tag + "recurrent_state"]
+                    cache.layers[i].conv_state, cache.layers[i].recurrent_state = t[tag + "conv_state"], t[tag + "recurrent_state"]
                 else:
-                    layer_cache.key, layer_cache.value = t[tag + "past_key"], t[tag + "past_value"]
-                    layer_cache.key_mask = t["attention_mask"]
+                    cache.layers[i] = attention_cache(tag, t["attention_mask"])
             logits, normed = m(t["input_ids"], cache, position_ids=t["position_ids"], return_hidden=True)
             outs = [logits, normed]
             for layer_cache in cache.layers:
@@ -125,7 +162,7 @@ def input_metadata(ports: list[dict]) -> TensorMetadata:
     """polygraphy's view of a graph's inputs (it feeds each runner only the inputs listed here)."""
     meta = TensorMetadata()
     for p in ports:
-        dtype = {"int64": np.int64, "float16": np.float16}.get(p["dtype"], np.float32)
+        dtype = {"int64": np.int64, "float16": np.float16, "bool": np.bool_, "float8e4m3fn": np.uint8}.get(p["dtype"], np.float32)
         meta.add(p["name"], dtype=DataType.from_dtype(np.dtype(dtype)), shape=[d if isinstance(d, int) else None for d in p["shape"]])
     return meta
 

@@ -1,0 +1,268 @@
+"""Write a Triton model repository for an export (and optionally its engines).
+
+Layout written by `write_repository(onnx_dir, out, engines_dir)`:
+
+    out/
+      README.md                       how to serve it (and the TensorRT plugin note)
+      qwen3next/config.pbtxt          Python backend, decoupled: token ids in, tokens streamed out
+      qwen3next/1/model.py            deploy/triton_model.py
+      <prefix>_<graph>/config.pbtxt   only with engines: one `tensorrt_plan` model per engine
+      <prefix>_<graph>/1/model.plan   symlink to the engine (engines are large; never copied)
+
+The repository refers to the export and engines by absolute path, so it is small and is written
+in a temporary folder beside `out`, then renamed into place: a failed write leaves nothing half-made.
+This module imports no torch: the Triton Python backend imports `check_sources` from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from qwen3next_trt.errors import InputError
+from qwen3next_trt.export.manifest import read_manifest as read_export_manifest
+
+MODEL_NAME = "qwen3next"
+MARKER = ".qwen3next-repository"   # lets a later `deploy` replace a repository it wrote, and nothing else
+TEMPLATE = Path(__file__).with_name("triton_model.py")
+
+# Graphs the generation loop runs; the stitched `model.*` graphs and the MTP head are optional.
+def required_graphs(manifest: dict) -> list[str]:
+    n = manifest["config"]["num_hidden_layers"]
+    return ["embed", "final"] + [f"layer_{i:02d}.{m}" for i in range(n) for m in ("prefill", "decode")]
+
+
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8"}
+
+
+def read_manifest(onnx_dir) -> dict:
+    manifest = read_export_manifest(onnx_dir)
+    path = Path(onnx_dir) / "manifest.json"
+    try:
+        graphs = {g["name"]: g for g in manifest["graphs"]}
+        required_graphs(manifest)
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a qwen3next-trt manifest ({type(e).__name__}: {e})") from None
+    manifest["_by_name"] = graphs
+    return manifest
+
+
+def check_sources(onnx_dir, engines_dir=None) -> tuple[dict, list[dict]]:
+    """(manifest, engine metadata list); InputError naming the first missing graph, weights or engine file."""
+    onnx_dir = Path(onnx_dir)
+    manifest = read_manifest(onnx_dir)
+    by_name = manifest["_by_name"]
+    for name in required_graphs(manifest):
+        if name not in by_name:
+            raise InputError(f"{onnx_dir / 'manifest.json'}: graph {name!r} missing (generation needs embed, final and every layer's prefill and decode graph)")
+    for g in manifest["graphs"]:
+        for key in ("file", "weights"):
+            if g.get(key) and not (onnx_dir / g[key]).is_file():
+                raise InputError(f"{onnx_dir / g[key]}: missing ({key} of graph {g['name']!r} in manifest.json)")
+    if engines_dir is None:
+        return manifest, []
+    engines_dir = Path(engines_dir)
+    if not engines_dir.is_dir():
+        raise InputError(f"{engines_dir}: engines directory missing (run `qwen3next-trt build` first)")
+    metas = []
+    for meta_path in sorted(engines_dir.glob("*.engine.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            meta["graph"], meta["engine"], meta["inputs"], meta["outputs"]
+        except (ValueError, KeyError) as e:
+            raise InputError(f"{meta_path}: not engine metadata written by `qwen3next-trt build` ({type(e).__name__}: {e})") from None
+        metas.append(meta)
+    have = {m["graph"] for m in metas}
+    for name in required_graphs(manifest):
+        if name not in have:
+            raise InputError(f"{engines_dir / (name + '.engine')}: missing (no engine for graph {name!r}; run `qwen3next-trt build --onnx {onnx_dir} --out {engines_dir}`)")
+    for meta in metas:
+        if not (engines_dir / meta["engine"]).is_file():
+            raise InputError(f"{engines_dir / meta['engine']}: missing (listed by {meta['graph']}.engine.json)")
+    return manifest, metas
+
+
+# -- config.pbtxt text ----------------------------------------------------------------------------
+
+def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
+    opt = " optional: true" if optional else ""
+    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ]{opt} }}'
+
+
+def _params(params: dict[str, str]) -> str:
+    return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: {json.dumps(str(v), ensure_ascii=False)} }} }}' for k, v in params.items())
+
+
+def python_model_config(name: str, onnx_dir: Path, engines_dir: Path | None, default_max_tokens: int, instances: int,
+                        batch_window_ms: float = 10.0) -> str:
+    inputs = [
+        _tensor("input_ids", "TYPE_INT64", [-1]),
+        _tensor("max_tokens", "TYPE_INT32", [1], optional=True),
+        _tensor("temperature", "TYPE_FP32", [1], optional=True),
+        _tensor("top_p", "TYPE_FP32", [1], optional=True),
+        _tensor("seed", "TYPE_INT64", [1], optional=True),
+        _tensor("stop_tokens", "TYPE_INT64", [-1], optional=True),
+        _tensor("mtp_k", "TYPE_INT32", [1], optional=True),
+        _tensor("stream", "TYPE_BOOL", [1], optional=True),
+    ]
+    params = {"onnx_dir": str(onnx_dir), "engines_dir": str(engines_dir or ""), "default_max_tokens": str(default_max_tokens),
+              "batch_window_ms": str(batch_window_ms)}
+    return "\n".join([
+        f'name: "{name}"',
+        'backend: "python"',
+        "max_batch_size: 0",
+        "# One response per generated token (or one with all of them when the request sets stream=false).",
+        "model_transaction_policy { decoupled: true }",
+        "input [", ",\n".join(inputs), "]",
+        "output [", _tensor("tokens", "TYPE_INT64", [-1]), "]",
+        f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]",
+        _params(params),
+        "",
+    ])
+
+
+def plan_model_name(prefix: str, graph: str) -> str:
+    return f"{prefix}_{graph.replace('.', '_')}"
+
+
+def _dims(shape) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def plan_model_config(name: str, meta: dict) -> str:
+    def port(p):
+        if p["dtype"] not in TRITON_DTYPES:
+            raise InputError(f"{meta['graph']}.engine.json: tensor {p['name']!r} has dtype {p['dtype']!r}, which Triton has no type for")
+        return _tensor(p["name"], TRITON_DTYPES[p["dtype"]], _dims(p["shape"]))
+
+    trt = meta.get("tensorrt", {})
+    return "\n".join([
+        f'name: "{name}"',
+        'platform: "tensorrt_plan"',
+        f"# graph {meta['graph']} built by {trt.get('flavour', '?')} {trt.get('version', '?')}; plugins: "
+        + (", ".join(p["name"] for p in meta.get("plugins", [])) or "none"),
+        "# Batch is an explicit engine dimension, so Triton must not add one.",
+        "max_batch_size: 0",
+        'default_model_filename: "model.plan"',
+        "input [", ",\n".join(port(p) for p in meta["inputs"]), "]",
+        "output [", ",\n".join(port(p) for p in meta["outputs"]), "]",
+        "instance_group [ { kind: KIND_GPU count: 1 } ]",
+        "",
+    ])
+
+
+def parse_config(text: str, where: str = "config.pbtxt"):
+    """Parse with Triton's own ModelConfig protobuf; InputError with the parser's message if it fails."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise InputError(f"{where}: not a valid Triton model configuration: {e}") from None
+
+
+# -- the repository -------------------------------------------------------------------------------
+
+README = """# Triton model repository for {onnx_dir}
+
+Written by `qwen3next-trt deploy`. `{name}` is a Python-backend model (decoupled) that runs the
+project's runtime (`qwen3next_trt.runtime`) on the exported graphs{engines_note}.
+
+Inputs: `input_ids` INT64 [n] (one prompt per request), optional `max_tokens` INT32 [1]
+(default {default_max_tokens}), `temperature` FP32 [1] (0 = greedy), `top_p` FP32 [1], `seed` INT64 [1],
+`stop_tokens` INT64 [k], `mtp_k` INT32 [1] (MTP draft tokens, 0..4), `stream` BOOL [1] (default true).
+Output: `tokens` INT64: one response per token (stream true) or one with all tokens (stream false),
+then the final flag. gRPC `stream_infer` streams; HTTP has `POST /v2/models/{name}/generate_stream`
+(server-sent events) and, with `"stream": false`, `POST /v2/models/{name}/generate`.
+Bad input (empty prompt, id out of vocabulary, prompt + max_tokens over the context, mtp_k out of
+range) is answered with an error (HTTP 400) naming the field; other requests go on.
+
+The Python backend's interpreter needs numpy, onnxruntime and this project
+(`pip install --no-deps -e <qwen3next-trt checkout>`). Start it with
+`python -m qwen3next_trt.deploy.server --repo {out}` (the pytriton wheel's `tritonserver`), or with any
+Triton 2.4x+: `tritonserver --model-repository {out} --model-control-mode explicit --load-model {name}`.
+{plan_note}"""
+
+PLAN_NOTE = """
+## `tensorrt_plan` entries (hosts with Triton's TensorRT backend)
+
+{count} models `{prefix}_<graph>`, one per engine in `{engines_dir}` (`1/model.plan` links to the
+engine). Each is one graph with its states as plain inputs and outputs; the token loop lives in `{name}`.
+They load only where:
+- the engines were built by the same TensorRT version as the server's TensorRT backend (these
+  were built by {flavours}; Triton's backend links full TensorRT, which cannot load TensorRT-RTX plans:
+  rebuild with `qwen3next-trt build --trt tensorrt` on the serving host);
+- the plugins the graphs use ({plugins}) are in the server's process. TensorRT's backend loads plugin
+  libraries named at start: `tritonserver --backend-config=tensorrt,plugins="/path/libq3n_plugins.so"`
+  (several separated by `;`), or `LD_PRELOAD=/path/libq3n_plugins.so tritonserver ...`. The project's
+  plugins are Python IPluginV3 classes today (engines/README.md); a C++ plugin library with the same
+  kernels is needed for this and is not built yet, so the graphs with plugin layers cannot load in
+  Triton's TensorRT backend until it exists. Graphs without plugin layers: {plain}.
+"""
+
+
+def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL_NAME, plan_prefix: str = MODEL_NAME,
+                     default_max_tokens: int = 16, instances: int = 1, batch_window_ms: float = 10.0) -> Path:
+    """Write the repository at `out` (replacing one this function wrote before); returns its path.
+
+    InputError, before anything is written, if the export or (when given) the engines are incomplete,
+    or if `out` exists and is not a repository written here.
+    """
+    onnx_dir = Path(onnx_dir).resolve()
+    engines_dir = Path(engines_dir).resolve() if engines_dir is not None else None
+    out = Path(out).resolve()
+    _, metas = check_sources(onnx_dir, engines_dir)
+    if default_max_tokens < 1:
+        raise InputError(f"default_max_tokens: must be >= 1, got {default_max_tokens}")
+    if not 0 <= batch_window_ms <= 10_000:
+        raise InputError(f"batch_window_ms: expected 0 .. 10000, got {batch_window_ms}")
+    if instances < 1:
+        raise InputError(f"instances: must be >= 1, got {instances}")
+    if out.exists() and not (out / MARKER).exists():
+        if not out.is_dir() or any(out.iterdir()):
+            raise InputError(f"{out}: exists and is not a model repository written by `qwen3next-trt deploy`; choose another --out")
+
+    configs = {model_name: python_model_config(model_name, onnx_dir, engines_dir, default_max_tokens, instances, batch_window_ms)}
+    for meta in metas:
+        configs[plan_model_name(plan_prefix, meta["graph"])] = plan_model_config(plan_model_name(plan_prefix, meta["graph"]), meta)
+    for name, text in configs.items():
+        parse_config(text, f"{out / name / 'config.pbtxt'}")  # a malformed config never reaches a server
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the repository from a server run as another user
+        for name, text in configs.items():
+            (tmp / name / "1").mkdir(parents=True)
+            (tmp / name / "config.pbtxt").write_text(text)
+        shutil.copyfile(TEMPLATE, tmp / model_name / "1" / "model.py")
+        for meta in metas:
+            os.symlink(engines_dir / meta["engine"], tmp / plan_model_name(plan_prefix, meta["graph"]) / "1" / "model.plan")
+        plan_note = ""
+        if metas:
+            plan_note = PLAN_NOTE.format(
+                count=len(metas), prefix=plan_prefix, engines_dir=engines_dir, name=model_name,
+                flavours=", ".join(sorted({f"{m.get('tensorrt', {}).get('flavour', '?')} {m.get('tensorrt', {}).get('version', '?')}" for m in metas})),
+                plugins=", ".join(sorted({p["name"] for m in metas for p in m.get("plugins", [])})) or "none",
+                plain=", ".join(m["graph"] for m in metas if not m.get("plugin_layers")) or "none")
+        engines_note = f" (engines: {engines_dir})" if engines_dir else ""
+        (tmp / "README.md").write_text(README.format(onnx_dir=onnx_dir, name=model_name, out=out, engines_note=engines_note,
+                                                     default_max_tokens=default_max_tokens, plan_note=plan_note))
+        (tmp / MARKER).write_text(json.dumps({"onnx_dir": str(onnx_dir), "engines_dir": str(engines_dir or ""),
+                                              "models": sorted(configs)}, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old.{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
