@@ -125,6 +125,12 @@ class EngineBuilder:
         self.optimization_level, self.force, self.progress = optimization_level, force, progress
         self.T = trt_adapter.load(flavour)
         fp8 = self.manifest.get("weights_precision", {}).get("format") == "float8e4m3fn"
+        if self.T.flavour == "tensorrt_rtx" and self.manifest.get("activation_precision", {}).get("scales") == "per-token":
+            # measured 2026-11-29 with 1.7.1.116: every layer graph fails in Myelin (CHECK(is_constant()))
+            # where a run-time activation scale meets an FP8 weight; a lone Q/DQ -> MatMul does build
+            raise InputError(f"{self.onnx_dir / 'manifest.json'}: activation_precision: dynamic per-token FP8 scales, which "
+                             f"TensorRT-RTX {self.T.version} cannot compile into FP8 GEMMs (its Myelin compiler wants constant "
+                             "Q/DQ scales); export with --activations fp8 (static, calibrated) for TensorRT-RTX engines")
         if self.T.ahead_of_time and compute_capabilities is None:
             # FP8 needs FP8 tensor cores: Ada (SM89) and newer; Ampere cannot run such an engine
             compute_capabilities = ["SM89", "SM120"] if fp8 else ["SM80", "SM89", "SM120"]

@@ -109,7 +109,7 @@ def _partial_export(export: Path, dest: Path, drop: str) -> Path:
 def test_repository_refuses_incomplete_sources(tiny_export, tmp_path, case):
     onnx, engines, out = tiny_export, None, tmp_path / "repo"
     if case == "no manifest":
-        onnx, expected = _partial_export(tiny_export, tmp_path / "x", "manifest.json"), "manifest.json: missing"
+        onnx, expected = _partial_export(tiny_export, tmp_path / "x", "manifest.json"), "manifest.json: not found"
     elif case == "graph file":
         onnx, expected = _partial_export(tiny_export, tmp_path / "x", "layer_05.decode.onnx"), "layer_05.decode.onnx: missing"
     elif case == "weights file":

@@ -246,14 +246,14 @@ def test_dynamic_per_token_quantisation_matches_its_definition():
             np.testing.assert_array_equal(got[b, t], want)
 
 
-def test_dynamic_fp8_export_matches_the_fake_quantised_reference_and_builds(fp8_dynamic_export, tmp_path):
+def test_dynamic_fp8_export_matches_the_fake_quantised_reference(fp8_dynamic_export, tmp_path, capsys):
     report = Validator(fp8_dynamic_export, progress=lambda m: None).run()
     assert report.passed
     assert max(r.max_abs / max(r.ref_max, 1e-6) for r in report.rows) <= 1e-3
     pytest.importorskip("tensorrt_rtx")
-    assert main(["build", "--onnx", str(fp8_dynamic_export), "--out", str(tmp_path / "eng"), "--graphs", "layer_00.decode,layer_03.decode"]) == 0
-    layers = json.loads((tmp_path / "eng" / "layer_03.decode.engine.json").read_text())["layers"]
-    assert any("QUANTIZE" in str(layer) for layer in layers)
+    # TensorRT-RTX 1.7 cannot compile run-time scales into FP8 GEMMs: refused up front, by name
+    assert main(["build", "--onnx", str(fp8_dynamic_export), "--out", str(tmp_path / "eng"), "--trt", "tensorrt_rtx"]) == 2
+    assert "dynamic per-token" in capsys.readouterr().err and not (tmp_path / "eng").exists()
 
 
 @pytest.fixture(scope="module")
