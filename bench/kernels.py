@@ -1,12 +1,22 @@
 """Plugin kernels at Qwen3-Next-80B-A3B sizes on one GPU, with peers and roofline floors in the same run.
 
-    python bench/kernels.py [--out bench/results/kernels-<device>.json] [--quick]
+    python bench/kernels.py [--out bench/results/kernels-<device>.json] [--quick] [--only decode|prefill|moe]
+    python bench/kernels.py --merge PART.json... --out ALL.json
 
-Rows: Gated DeltaNet prefill (1x4096, 1x32768, 4x8192), decode (batch 1/32/256), MoE FP8 (1/8/64/4096
-tokens), bf16 activations. Peers: FLA's Triton kernels when `fla` imports, else the PyTorch reference
-on the GPU (chunked scan / expert loop). Each row: time (median of CUDA-event timings), the floor
-max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate), ratio to the peer, and the
-relative error against the reference. Prints the device, clocks and date; writes JSON.
+Rows: Gated DeltaNet prefill (1x4096, 1x32768, 4x8192: the chunked kernel on tensor cores (what the
+plugin dispatches to), the same on CUDA cores, and the simple token loop),
+decode (batch 1/32/256 x 1..4 tokens per call: the fused decode kernel; the simple kernel at 1 token),
+MoE FP8 (1/8/64/4096 tokens: the fast path and the simple GEMVs), bf16 activations. Peers: FLA's
+Triton kernels when `fla` imports, else the PyTorch reference on the GPU (chunked scan / expert loop).
+
+Timing: small calls are captured R times into one CUDA graph (R input sets, rotated, so that repeated
+calls do not re-read their bytes from the 50 MB L2 as a real decode step would not: decode states,
+MoE routing), one replay timed with CUDA events, divided by R; median over repetitions. Calls that
+cannot be captured (the PyTorch expert loop synchronises) are timed call by call with events. Each row:
+time, the floor max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate) with bytes =
+every input read once + every output written once (MoE: the experts the routing actually touched),
+ratio to the peer (same inputs, same timing method where it captures), and the relative error
+against the reference. Prints the device, clocks and date; writes JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +55,38 @@ def timed(fn, warmup=3, reps=10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+_GRAPHS = []  # captured graphs stay alive: a peer may cache tensors allocated in a graph's memory pool
+
+
+def timed_calls(fns, reps=20, graph=True) -> tuple[float, str]:
+    """Milliseconds per call of the closures `fns` (different inputs, run in turn): CUDA graph replay
+    of all of them when `graph` and capture works, else per-call CUDA events. Returns (ms, method)."""
+    for f in fns:  # warm-up: compilation, autotuning, allocator pools
+        f()
+    torch.cuda.synchronize()
+    try:
+        if not graph:
+            raise RuntimeError("not captured")
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for f in fns:
+                f()
+            with torch.cuda.graph(graph, stream=stream):
+                for f in fns:
+                    f()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        ms = timed(graph.replay, warmup=2, reps=reps)
+        _GRAPHS.append(graph)
+        return ms / len(fns), "graph"
+    except Exception:  # noqa: BLE001
+        torch.cuda.synchronize()
+        ms = timed(lambda: [f() for f in fns], warmup=1, reps=max(3, reps // 4))
+        return ms / len(fns), "events"
+
+
 def machine_rates() -> dict:
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -80,35 +122,60 @@ def gdn_inputs(B, T, g):
     return cuda(q), cuda(k), cuda(v), cuda(state, torch.float32), cuda(decay), cuda(beta)
 
 
-def gdn_rows(rates, fla, quick):
+def gdn_copies(q, k, v, s0, decay, beta, copies):
+    """`copies` input sets: the first as given, the others perturbed (state too), so no call re-reads another's bytes."""
+    sets = [(q, k, v, s0, decay, beta)]
+    for i in range(1, copies):
+        sets.append((q.roll(i, 0) if q.shape[0] > 1 else q, k, v, s0 * (1 + 1e-3 * i), decay, beta))
+    return sets
+
+
+def gdn_rows(rates, fla, quick, part):
     g = torch.Generator().manual_seed(0)
     rows = []
-    shapes = [(1, 4096), (1, 32768), (4, 8192)] if not quick else [(1, 4096)]
-    for B, T in shapes + [(b, 1) for b in (1, 32, 256)]:
+    prefill = [(1, 4096), (1, 32768), (4, 8192)] if not quick else [(1, 4096)]
+    decode = [(b, t) for b in (1, 32, 256) for t in (1, 2, 3, 4)] if not quick else [(32, 1), (32, 4)]
+    for B, T in (prefill if part == "prefill" else decode):
         q, k, v, s0, decay, beta = gdn_inputs(B, T, g)
-        ours = lambda: torch_ops.linear_attention(q, k, v, s0, decay, beta, HK, HV, D**-0.5)  # noqa: E731
-        out, state = ours()
-        ref_out, ref_state = reference_scan(q.float(), k.float(), v.float(), s0, decay.float(), beta.float(), HK, HV, D**-0.5)
-        t = timed(ours, reps=5 if T > 4096 else 10)
-        act_bytes = B * T * (2 * HK * D + 2 * HV * D + 2 * HV) * 2
         state_bytes = 2 * B * HV * D * D * 4
+        copies = 1 if T > 4 else max(1, min(64, (256 << 20) // state_bytes))
+        sets = gdn_copies(q, k, v, s0, decay, beta, copies)
+        scan = lambda impl, a: (lambda: torch_ops.linear_attention(*a[:3], a[3], a[4], a[5], HK, HV, D**-0.5, impl=impl))  # noqa: E731
+        ref_out, ref_state = reference_scan(q.float(), k.float(), v.float(), s0, decay.float(), beta.float(), HK, HV, D**-0.5)
+        act_bytes = B * T * (2 * HK * D + 2 * HV * D + 2 * HV) * 2
         flops = B * T * HV * 4 * 2 * D * D
         floor = max((act_bytes + state_bytes) / rates["copy_GBps"] / 1e6, flops / rates["bf16_TFLOPs"] / 1e9)
-        peer_name, peer_ms = "PyTorch reference (GPU, fp32)", None
+        peer_name, peer_ms, peer_method = "PyTorch reference (GPU, fp32)", None, None
         if not isinstance(fla, str):
             chunk, recurrent = fla
-            qf, kf = (x.view(B, T, HK, D).repeat_interleave(HV // HK, 2) for x in (q, k))
-            vf = v.view(B, T, HV, D)
-            fn = (lambda: recurrent(qf, kf, vf, decay.float(), beta, scale=D**-0.5, initial_state=s0, output_final_state=True)) if T == 1 \
-                else (lambda: chunk(qf, kf, vf, decay.float(), beta, scale=D**-0.5, initial_state=s0, output_final_state=True))
-            peer_name, peer_ms = "FLA " + ("fused_recurrent" if T == 1 else "chunk") + "_gated_delta_rule", timed(fn, reps=5)
+
+            def fla_call(a, T=T):
+                qq, kk, vv, ss, dd, bb = a
+                qf, kf = (x.view(B, T, HK, D).repeat_interleave(HV // HK, 2) for x in (qq, kk))
+                fn = recurrent if T <= 4 else chunk
+                return lambda: fn(qf, kf, vv.view(B, T, HV, D), dd.float(), bb, scale=D**-0.5, initial_state=ss, output_final_state=True)
+
+            peer_name = "FLA " + ("fused_recurrent" if T <= 4 else "chunk") + "_gated_delta_rule"
+            try:
+                peer_ms, peer_method = timed_calls([fla_call(a) for a in sets], reps=5 if T > 4096 else 20)
+            except Exception as e:  # noqa: BLE001
+                peer_name += f" (failed: {str(e).splitlines()[0][:80]})"
         elif T <= 8192:
-            peer_ms = timed(lambda: reference_scan(q.float(), k.float(), v.float(), s0, decay.float(), beta.float(), HK, HV, D**-0.5), warmup=1, reps=3)
-        rows.append({"kernel": "GDN decode" if T == 1 else "GDN prefill", "shape": f"{B}x{T}", "ms": t, "floor_ms": floor,
-                     "peer": peer_name, "peer_ms": peer_ms, "ratio_to_peer": (t / peer_ms) if peer_ms else None,
-                     "state_bandwidth_fraction": (state_bytes / t / 1e6 / rates["copy_GBps"]) if T == 1 else None,
-                     "rel_err_out": rel_err(out.float(), ref_out), "rel_err_state": rel_err(state, ref_state)})
-        print_row(rows[-1])
+            peer_ms, peer_method = timed_calls([lambda: reference_scan(q.float(), k.float(), v.float(), s0, decay.float(), beta.float(), HK, HV, D**-0.5)], reps=3, graph=False)
+        kernel = "GDN decode" if T <= 4 else "GDN prefill"
+        impls = ([("auto", "decode")] + ([("simple", "simple")] if T == 1 else [])) if T <= 4 \
+            else [("auto", "chunk_tc"), ("chunk", "chunk"), ("simple", "simple")]
+        for impl, label in impls:
+            out, state = scan(impl, sets[0])()
+            t, method = timed_calls([scan(impl, a) for a in sets], reps=5 if (T > 4096 or impl == "simple") else 20)
+            rows.append({"kernel": f"{kernel} {label}", "shape": f"{B}x{T}", "ms": t, "timing": method, "copies": copies,
+                         "floor_ms": floor, "peer": peer_name, "peer_ms": peer_ms, "peer_timing": peer_method,
+                         "ratio_to_peer": (t / peer_ms) if peer_ms else None,
+                         "state_bandwidth_fraction": (state_bytes / t / 1e6 / rates["copy_GBps"]) if T <= 4 else None,
+                         "rel_err_out": rel_err(out.float(), ref_out), "rel_err_state": rel_err(state, ref_state)})
+            print_row(rows[-1])
+        del sets
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -131,37 +198,61 @@ def moe_rows(rates, quick):
     del gate, up, down, fc1_deq
     rows = []
     for n in ((1, 8, 64, 4096) if not quick else (1, 64)):
-        x = torch.randn(n, H, generator=g).to("cuda", torch.bfloat16)
-        logits = torch.randn(n, E, generator=g).to("cuda", torch.bfloat16)
-        ours = lambda: torch_ops.moe_fp8(x, logits, fc1, s1, fc2, s2, TOPK, 1)  # noqa: E731
-        out = ours()
-        w, idx = route_tokens(logits, TOPK, True)
-        ref = lambda: moe_dispatch(x, w, idx, deq_gate, deq_up, deq_down)  # noqa: E731
-        ref_out = ref()
-        t, peer = timed(ours), timed(ref, warmup=1, reps=5)
-        experts_touched = min(E, n * TOPK)
-        weight_bytes = experts_touched * 3 * H * INTER
+        # Different routing per call: a repeated call would find its experts in L2.
+        copies = 1 if n >= 4096 else max(1, min(32, 320 // (n * TOPK) * 4))
+        xs = [torch.randn(n, H, generator=g).to("cuda", torch.bfloat16) for _ in range(copies)]
+        ls = [torch.randn(n, E, generator=g).to("cuda", torch.bfloat16) for _ in range(copies)]
+        call = lambda impl, x, lg: (lambda: torch_ops.moe_fp8(x, lg, fc1, s1, fc2, s2, TOPK, 1, impl=impl))  # noqa: E731
+        w, idx = route_tokens(ls[0], TOPK, True)
+        ref_out = moe_dispatch(xs[0], w, idx, deq_gate, deq_up, deq_down)
+        peer, peer_method = timed_calls([lambda x=x, lg=lg: moe_dispatch(x, *route_tokens(lg, TOPK, True), deq_gate, deq_up, deq_down)
+                                         for x, lg in zip(xs, ls)][:4], reps=8, graph=False)
+        touched = sum(route_tokens(lg, TOPK, True)[1].unique().numel() for lg in ls) / copies
+        weight_bytes = touched * 3 * H * INTER + touched * (2 * INTER // 128 * H // 128 + H // 128 * INTER // 128) * 4
+        act_bytes = n * (2 * H * 2 + E * 2)
         flops = n * TOPK * 3 * 2 * H * INTER
-        floor = max(weight_bytes / rates["copy_GBps"] / 1e6, flops / rates["bf16_TFLOPs"] / 1e9)
-        rows.append({"kernel": "MoE FP8", "shape": f"{n} tokens", "ms": t, "floor_ms": floor,
-                     "peer": "PyTorch expert loop (bf16 dequantised weights)", "peer_ms": peer, "ratio_to_peer": t / peer,
-                     "rel_err_out": rel_err(out.float(), ref_out.float())})
-        print_row(rows[-1])
+        floor = max((weight_bytes + act_bytes) / rates["copy_GBps"] / 1e6, flops / rates["bf16_TFLOPs"] / 1e9)
+        for impl, label in (("auto", "fast"), ("simple", "simple")):
+            out = call(impl, xs[0], ls[0])()
+            t, method = timed_calls([call(impl, x, lg) for x, lg in zip(xs, ls)], reps=5 if n >= 4096 else 20)
+            rows.append({"kernel": f"MoE FP8 {label}", "shape": f"{n} tokens", "ms": t, "timing": method, "copies": copies,
+                         "experts_touched": touched, "floor_ms": floor,
+                         "peer": "PyTorch expert loop (bf16 dequantised weights)", "peer_ms": peer, "peer_timing": peer_method,
+                         "ratio_to_peer": t / peer, "rel_err_out": rel_err(out.float(), ref_out.float())})
+            print_row(rows[-1])
     return rows
 
 
 def print_row(r):
-    peer = f"{r['peer_ms']:.3f} ms ({r['ratio_to_peer']:.2f}x)" if r.get("peer_ms") else "-"
+    peer = f"{r['peer_ms']:.4f} ms ({r['ratio_to_peer']:.2f}x)" if r.get("peer_ms") else "-"
     extra = f"  state BW {r['state_bandwidth_fraction']:.0%}" if r.get("state_bandwidth_fraction") else ""
-    print(f"{r['kernel']:<12}{r['shape']:>12}{r['ms']:>10.3f} ms  floor {r['floor_ms']:.4f} ms ({r['floor_ms'] / r['ms']:.0%} of it)"
-          f"  peer {peer:<22}  rel err {r['rel_err_out']:.1e}{extra}", flush=True)
+    print(f"{r['kernel']:<20}{r['shape']:>12}{r['ms']:>10.4f} ms [{r['timing']}]  floor {r['floor_ms']:.4f} ms "
+          f"({r['floor_ms'] / r['ms']:.0%} of it)  peer {peer:<24}  rel err {r['rel_err_out']:.1e}{extra}", flush=True)
+
+
+def print_table(rows):
+    print("\n| kernel | shape | ours ms | peer ms | ours/peer | floor ms | % of floor | rel err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peer = f"{r['peer_ms']:.4f}" if r.get("peer_ms") else "-"
+        ratio = f"{r['ratio_to_peer']:.2f}x" if r.get("ratio_to_peer") else "-"
+        print(f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {peer} | {ratio} | {r['floor_ms']:.4f} | "
+              f"{r['floor_ms'] / r['ms']:.0%} | {r['rel_err_out']:.1e} |")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["decode", "prefill", "moe"], help="one part (bench/device/kernels_run.sh runs each in its own process)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these per-part results into --out and print the table")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {**parts[0], "command": " ; ".join(p["command"] for p in parts), "rows": [r for p in parts for r in p["rows"]]}
+        Path(args.out).write_text(json.dumps(merged, indent=2))
+        print_table(merged["rows"])
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
     name = torch.cuda.get_device_name()
@@ -172,7 +263,11 @@ def main():
     print(f"{name} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), clocks sm/max/mem {clocks}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; copy {rates['copy_GBps']:.0f} GB/s, "
           f"bf16 matmul {rates['bf16_TFLOPs']:.0f} TFLOP/s; FLA: {'yes' if not isinstance(fla, str) else 'no (' + fla + ')'}")
-    rows = gdn_rows(rates, fla, args.quick) + moe_rows(rates, args.quick)
+    rows = []
+    for part in ("decode", "prefill", "moe"):
+        if args.only in (None, part):
+            rows += moe_rows(rates, args.quick) if part == "moe" else gdn_rows(rates, fla, args.quick, part)
+    print_table(rows)
     out = Path(args.out or f"bench/results/kernels-{name.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": name, "clocks": clocks, "rates": rates, "command": " ".join(sys.argv),

@@ -57,6 +57,64 @@ inline int launch_status() {
 
 inline bool aligned(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
+// Compute capability (major * 10 + minor) and opt-in shared memory per block of the current device,
+// queried once per device: the fast kernels are chosen per call (TensorRT enqueue) and the attribute
+// queries are not free. Racing threads write identical values, so no lock is needed.
+struct DeviceInfo {
+    int cc = 0;
+    int smem_optin = 0;
+};
+inline DeviceInfo current_device() {
+    constexpr int kMaxDevices = 64;
+    static DeviceInfo cache[kMaxDevices];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+        cudaGetLastError();
+        return DeviceInfo{};
+    }
+    if (cache[dev].cc == 0) {
+        int major = 0, minor = 0, smem = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        cudaGetLastError();
+        cache[dev].smem_optin = smem;
+        cache[dev].cc = major * 10 + minor;
+    }
+    return cache[dev];
+}
+
+// Programmatic dependent launch (sm_90+): a kernel launched with the attribute may start while the
+// previous kernel on the stream drains; it must call grid_dependency_wait() before reading what that
+// kernel wrote. launch_dependents() lets the next kernel start early. No-ops on older archs.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launch `kernel` with programmatic stream serialization when `pdl` is set (device cc >= 90).
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch_kernel(bool pdl, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, Args... args) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, static_cast<KArgs>(args)...);
+}
+
 }  // namespace q3n
 
 // Calls `launcher<T>(args...)` with T the element type of dtype code `dtype`; returns its status,

@@ -4,9 +4,13 @@ Same signatures and results as the torch custom ops of export/custom_ops.py, so 
 the same tensors:
 
     causal_conv_with_state(x, weight, bias, past_state, activation="silu") -> (y, present_state)
-    linear_attention(q, k, v, past_state, decay, beta, q_num_heads, kv_num_heads, scale) -> (out, present_state)
+    linear_attention(q, k, v, past_state, decay, beta, q_num_heads, kv_num_heads, scale, impl="auto") -> (out, present_state)
     moe(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize) -> out
-    moe_fp8(x, router_logits, fc1, scale1, fc2, scale2, k, normalize) -> out
+    moe_fp8(x, router_logits, fc1, scale1, fc2, scale2, k, normalize, impl="auto") -> out
+
+`impl` picks the kernel: "auto" (what the TensorRT plugins get: the fast kernel when the shapes fit),
+"simple" (the issue-5 kernels: the oracle), or one fast kernel by name ("decode", "chunk" (CUDA cores),
+"chunk_tc" (tensor cores) for the scan; "fast" for the FP8 MoE), which raises when the shapes do not fit.
 
 Outputs are allocated here; the kernels run on torch's current stream of the inputs' device.
 """
@@ -35,10 +39,14 @@ _p, _i, _f, _sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
 _PROTOTYPES = {
     "q3n_causal_conv_with_state": (_i, [_p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _p]),
     "q3n_linear_attention": (_i, [_p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _i, _p]),
+    "q3n_linear_attention_impl": (_i, [_p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _i, _i, _p]),
     "q3n_moe_workspace_size": (_sz, [_i, _i, _i, _i, _i]),
     "q3n_moe": (_i, [_p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p, _sz, _p]),
     "q3n_moe_fp8": (_i, [_p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p, _sz, _p]),
+    "q3n_moe_fp8_impl": (_i, [_p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p, _sz, _i, _p]),
 }
+LINEAR_ATTENTION_IMPLS = {"auto": 0, "simple": 1, "decode": 2, "chunk": 3, "chunk_tc": 4}
+MOE_FP8_IMPLS = {"auto": 0, "simple": 1, "fast": 2}
 
 
 @functools.cache
@@ -132,7 +140,7 @@ def causal_conv_with_state(x, weight, bias, past_state, activation="silu"):
     return y, present
 
 
-def linear_attention(q, k, v, past_state, decay, beta, q_num_heads: int, kv_num_heads: int, scale: float):
+def linear_attention(q, k, v, past_state, decay, beta, q_num_heads: int, kv_num_heads: int, scale: float, impl: str = "auto"):
     """q, k [B, T, Hk*Dk]; v [B, T, Hv*Dv]; past_state [B, Hv, Dk, Dv] (any float dtype, used as float32) or None;
     decay, beta [B, T, Hv] -> (out [B, T, Hv*Dv] in v's dtype, present_state float32)."""
     if q.dim() != 3 or v.dim() != 3:
@@ -143,6 +151,8 @@ def linear_attention(q, k, v, past_state, decay, beta, q_num_heads: int, kv_num_
         raise ValueError(f"heads: q width {qk_width} / q_num_heads {Hk}, v width {v.shape[-1]} / kv_num_heads {Hv} "
                          "must divide, and kv_num_heads must be a multiple of q_num_heads")
     Dk, Dv = qk_width // Hk, v.shape[-1] // Hv
+    if impl not in LINEAR_ATTENTION_IMPLS:
+        raise ValueError(f"impl must be one of {sorted(LINEAR_ATTENTION_IMPLS)}, got {impl!r}")
     dev, dt = v.device, v.dtype
     code = _dtype_code("v", v)
     q = _prepare("q", q, dev, dt)
@@ -155,10 +165,10 @@ def linear_attention(q, k, v, past_state, decay, beta, q_num_heads: int, kv_num_
     out = torch.empty_like(v)
     present = torch.empty(B, Hv, Dk, Dv, dtype=torch.float32, device=dev)
     with torch.cuda.device(dev):
-        rc = load_library().q3n_linear_attention(
+        rc = load_library().q3n_linear_attention_impl(
             _ptr(q), _ptr(k), _ptr(v), _ptr(past_state), _ptr(decay), _ptr(beta), _ptr(out), _ptr(present),
-            B, T, Hk, Hv, Dk, Dv, float(scale), code, _stream(dev))
-    _check("q3n_linear_attention", rc)
+            B, T, Hk, Hv, Dk, Dv, float(scale), code, LINEAR_ATTENTION_IMPLS[impl], _stream(dev))
+    _check(f"q3n_linear_attention_impl ({impl})", rc)
     return out, present
 
 
@@ -202,13 +212,15 @@ def moe(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k: int, normalize: int):
     return out.reshape(x.shape)
 
 
-def moe_fp8(x, router_logits, fc1, scale1, fc2, scale2, k: int, normalize: int):
+def moe_fp8(x, router_logits, fc1, scale1, fc2, scale2, k: int, normalize: int, impl: str = "auto"):
     """As `moe` with FP8 weights: fc1 [E, 2I, H] and fc2 [E, H, I] as float8_e4m3fn (or their uint8 bytes),
     scale1 [E, ceil(2I/128), ceil(H/128)] and scale2 [E, ceil(H/128), ceil(I/128)] float32 block scales
     (W = fp8 * scale[row // 128, col // 128]; fc1's scale rows index its interleaved rows); no biases."""
     E, two_i, H = fc1.shape
     inter = two_i // 2
     blocks = lambda n: -(-n // 128)  # noqa: E731
+    if impl not in MOE_FP8_IMPLS:
+        raise ValueError(f"impl must be one of {sorted(MOE_FP8_IMPLS)}, got {impl!r}")
     dev = x.device
     tokens, logits, N, H, code, workspace, ws_bytes = _moe_common(x, router_logits, k, inter, E)
     if fc1.dtype == torch.float8_e4m3fn:
@@ -221,10 +233,11 @@ def moe_fp8(x, router_logits, fc1, scale1, fc2, scale2, k: int, normalize: int):
     scale2 = _prepare("scale2", scale2, dev, torch.float32, (E, blocks(H), blocks(inter)))
     out = torch.empty_like(tokens)
     with torch.cuda.device(dev):
-        rc = load_library().q3n_moe_fp8(
+        rc = load_library().q3n_moe_fp8_impl(
             _ptr(tokens), _ptr(logits), _ptr(fc1), _ptr(scale1), _ptr(fc2), _ptr(scale2), _ptr(out),
-            N, H, inter, E, int(k), int(bool(normalize)), code, _ptr(workspace), ws_bytes, _stream(dev))
-    _check("q3n_moe_fp8", rc)
+            N, H, inter, E, int(k), int(bool(normalize)), code, _ptr(workspace), ws_bytes, MOE_FP8_IMPLS[impl],
+            _stream(dev))
+    _check(f"q3n_moe_fp8_impl ({impl})", rc)
     return out.reshape(x.shape)
 
 

@@ -23,7 +23,8 @@ import torch
 
 from qwen3next_trt.plugins import build
 
-EXPORTED = ("q3n_causal_conv_with_state", "q3n_linear_attention", "q3n_moe_workspace_size", "q3n_moe", "q3n_moe_fp8")
+EXPORTED = ("q3n_causal_conv_with_state", "q3n_linear_attention", "q3n_linear_attention_impl", "q3n_moe_workspace_size",
+            "q3n_moe", "q3n_moe_fp8", "q3n_moe_fp8_impl")
 FP32_TOL = 1e-4
 EPS = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -131,6 +132,29 @@ def test_bad_arguments_return_documented_codes(plugin_library):
     assert moe(ws=None) == -6
     assert moe(tokens=0) == 0
     assert lib.q3n_moe_fp8(FAKE, FAKE, FAKE, None, FAKE, FAKE, FAKE, 3, 64, 32, 16, 4, 1, 0, FAKE, 1 << 30, None) == -1
+
+
+def test_explicit_kernel_choice_arguments(plugin_library):
+    """The *_impl entry points: impl out of range -> -4; a fast kernel whose limits the shapes exceed -> -5
+    (all decided before any launch, so this runs without a GPU)."""
+    lib = _lib(plugin_library)
+    la = lambda impl, seq=3, dk=128, dv=128: lib.q3n_linear_attention_impl(  # noqa: E731
+        FAKE, FAKE, FAKE, None, FAKE, FAKE, FAKE, FAKE, 1, seq, 2, 4, dk, dv, 0.1, 0, impl, None)
+    assert la(5) == -4 and la(-1) == -4
+    assert la(2, seq=5) == -5  # the decode kernel takes 1..4 tokens
+    assert la(2, dk=64) == -5 and la(2, dv=48) == -5  # Dk = 128, Dv % 32 == 0 only
+    assert la(3, dk=64) == -5 and la(4, dk=64) == -5
+    assert la(2, dk=129) == -5 and la(1, dk=257) == -5  # simple kernel limits still apply
+    assert lib.q3n_linear_attention_impl(FAKE, FAKE, FAKE, None, FAKE, FAKE, FAKE, ctypes.c_void_p(4096 + 4), 1, 3, 2, 4,
+                                         128, 128, 0.1, 0, 2, None) == -5  # state not 16-byte aligned
+
+    moe8 = lambda impl, hidden=2048, inter=512, experts=512, k=10: lib.q3n_moe_fp8_impl(  # noqa: E731
+        FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, 3, hidden, inter, experts, k, 1, 2, FAKE, 1 << 30, impl, None)
+    assert moe8(3) == -4
+    assert moe8(2, hidden=200) == -5 and moe8(2, inter=72) == -5
+    assert moe8(2, experts=2048, k=10) == -5 and moe8(2, experts=64, k=17) == -5
+    assert moe8(2, inter=2048, k=10) == -5 and moe8(2, inter=704, k=16) == -5  # k * I beyond fc2's staging buffer
+    assert moe8(2, k=0) == -4  # argument checks first
 
 
 def test_moe_workspace_size_formula(plugin_library):

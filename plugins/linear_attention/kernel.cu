@@ -9,6 +9,7 @@
 // The state lives in present_state itself (float32, global memory, L1-resident for one block): at
 // Dk = Dv = 128 it is 64 KiB per head, more than a block's default shared memory.
 #include "../common.cuh"
+#include "fast.cuh"
 
 namespace {
 
@@ -80,20 +81,61 @@ int launch(const void* q, const void* k, const void* v, const float* past_state,
 
 }  // namespace
 
-// Returns 0, a cudaError_t value, or a negative Q3N_ERR_* code (common.cuh).
-Q3N_API int q3n_linear_attention(const void* q, const void* k, const void* v, const float* past_state,
-                                 const void* decay, const void* beta, void* out, float* present_state, int batch,
-                                 int seq, int num_k_heads, int num_v_heads, int head_k_dim, int head_v_dim, float scale,
-                                 int dtype, cudaStream_t stream) {
+enum LinearAttentionImpl : int {
+    Q3N_LA_AUTO = 0,    // the fastest kernel that fits (below)
+    Q3N_LA_SIMPLE = 1,  // the token-serial kernel above: any shape, the oracle
+    Q3N_LA_DECODE = 2,  // q3n_gdn::decode_kernel: Dk = 128, Dv % 32 == 0, 1 <= seq <= 4
+    Q3N_LA_CHUNK = 3,   // q3n_gdn::chunk_kernel (CUDA cores): Dk = 128, Dv % 32 == 0, seq >= 1, 134 KiB shared memory
+    Q3N_LA_CHUNK_TC = 4,  // q3n_gdn::chunk_tc_kernel (tensor cores, sm_80+): as CHUNK, 159 KiB shared memory
+};
+
+// Returns 0, a cudaError_t value, or a negative Q3N_ERR_* code (common.cuh). Q3N_ERR_UNSUPPORTED
+// when an explicitly requested kernel does not fit the shapes.
+Q3N_API int q3n_linear_attention_impl(const void* q, const void* k, const void* v, const float* past_state,
+                                      const void* decay, const void* beta, void* out, float* present_state, int batch,
+                                      int seq, int num_k_heads, int num_v_heads, int head_k_dim, int head_v_dim,
+                                      float scale, int dtype, int impl, cudaStream_t stream) {
     if (batch < 0 || seq < 0 || num_k_heads <= 0 || num_v_heads <= 0 || head_k_dim <= 0 || head_v_dim <= 0)
         return Q3N_ERR_BAD_SHAPE;
     if (num_v_heads % num_k_heads != 0) return Q3N_ERR_BAD_SHAPE;
     if (head_k_dim > kMaxHeadDim || head_v_dim > kMaxHeadDim) return Q3N_ERR_UNSUPPORTED;
     if ((int64_t)batch * num_v_heads > 0x7fffffff) return Q3N_ERR_UNSUPPORTED;
     if (dtype < Q3N_FLOAT32 || dtype > Q3N_BFLOAT16) return Q3N_ERR_BAD_DTYPE;
+    if (impl < Q3N_LA_AUTO || impl > Q3N_LA_CHUNK_TC) return Q3N_ERR_BAD_ATTRIBUTE;
     if (batch == 0) return Q3N_OK;
     if (!present_state) return Q3N_ERR_NULL_POINTER;
     if (seq > 0 && (!q || !k || !v || !decay || !beta || !out)) return Q3N_ERR_NULL_POINTER;
+
+    const bool fits = q3n_gdn::shapes_fit(past_state, present_state, num_k_heads, num_v_heads, head_k_dim,
+                                          head_v_dim, batch);
+    const bool decode_fits = fits && seq >= 1 && seq <= q3n_gdn::kMaxDecodeTokens;
+    const q3n::DeviceInfo device = (impl == Q3N_LA_CHUNK || impl == Q3N_LA_CHUNK_TC || (impl == Q3N_LA_AUTO && !decode_fits))
+                                       ? q3n::current_device() : q3n::DeviceInfo{};
+    const bool chunk_fits = fits && seq >= 1 && (size_t)device.smem_optin >= q3n_gdn::kChunkSmemBytes;
+    const bool chunk_tc_fits = fits && seq >= 1 && device.cc >= 80 && (size_t)device.smem_optin >= q3n_gdn::kChunkTcSmemBytes;
+    if (impl == Q3N_LA_AUTO)
+        impl = decode_fits ? Q3N_LA_DECODE : chunk_tc_fits ? Q3N_LA_CHUNK_TC : chunk_fits ? Q3N_LA_CHUNK : Q3N_LA_SIMPLE;
+    if ((impl == Q3N_LA_DECODE && !decode_fits) || (impl == Q3N_LA_CHUNK && !chunk_fits) ||
+        (impl == Q3N_LA_CHUNK_TC && !chunk_tc_fits))
+        return Q3N_ERR_UNSUPPORTED;
+    if (impl == Q3N_LA_DECODE)
+        Q3N_DISPATCH_DTYPE(dtype, q3n_gdn::launch_decode, q, k, v, past_state, decay, beta, out, present_state, batch,
+                           seq, num_k_heads, num_v_heads, head_v_dim, scale, stream);
+    if (impl == Q3N_LA_CHUNK_TC)
+        Q3N_DISPATCH_DTYPE(dtype, q3n_gdn::launch_chunk_tc, q, k, v, past_state, decay, beta, out, present_state, batch,
+                           seq, num_k_heads, num_v_heads, head_v_dim, scale, stream);
+    if (impl == Q3N_LA_CHUNK)
+        Q3N_DISPATCH_DTYPE(dtype, q3n_gdn::launch_chunk, q, k, v, past_state, decay, beta, out, present_state, batch,
+                           seq, num_k_heads, num_v_heads, head_v_dim, scale, stream);
     Q3N_DISPATCH_DTYPE(dtype, launch, q, k, v, past_state, decay, beta, out, present_state, batch, seq, num_k_heads,
                        num_v_heads, head_k_dim, head_v_dim, scale, stream);
+}
+
+// The TensorRT plugin's entry point: the fastest kernel that fits.
+Q3N_API int q3n_linear_attention(const void* q, const void* k, const void* v, const float* past_state,
+                                 const void* decay, const void* beta, void* out, float* present_state, int batch,
+                                 int seq, int num_k_heads, int num_v_heads, int head_k_dim, int head_v_dim, float scale,
+                                 int dtype, cudaStream_t stream) {
+    return q3n_linear_attention_impl(q, k, v, past_state, decay, beta, out, present_state, batch, seq, num_k_heads,
+                                     num_v_heads, head_k_dim, head_v_dim, scale, dtype, Q3N_LA_AUTO, stream);
 }

@@ -16,6 +16,7 @@
 #include <climits>
 
 #include "../common.cuh"
+#include "fast.cuh"
 
 namespace {
 
@@ -296,14 +297,49 @@ Q3N_API int q3n_moe(const void* x, const void* router_logits, const void* fc1, c
                        experts, top_k, normalize, workspace, stream);
 }
 
+template <typename T>
+int launch_fp8_fast(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
+                    const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden, int inter,
+                    int experts, int top_k, int normalize, void* workspace, cudaStream_t stream) {
+    Workspace ws;
+    workspace_bytes_for(tokens, top_k, inter, &ws, workspace);
+    return q3n_moe_fast::launch<T>(x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden, inter, experts, top_k,
+                                   normalize, ws.experts, ws.weights, ws.act, stream);
+}
+
+enum MoeImpl : int {
+    Q3N_MOE_AUTO = 0,    // the fast path when it fits, else the simple one
+    Q3N_MOE_SIMPLE = 1,  // the GEMV kernels above: any shape, the oracle
+    Q3N_MOE_FAST = 2,    // fast.cuh: H, I multiples of 16, k <= 16, E <= 1024, 16-byte aligned x/fc1/fc2
+};
+
+// Same workspace for both paths (q3n_moe_workspace_size). Q3N_ERR_UNSUPPORTED when the requested
+// implementation does not fit.
+Q3N_API int q3n_moe_fp8_impl(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
+                             const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden,
+                             int inter, int experts, int top_k, int normalize, int dtype, void* workspace,
+                             size_t workspace_bytes, int impl, cudaStream_t stream) {
+    const int status = check_moe_args(x, router_logits, fc1, fc2, out, tokens, hidden, inter, experts, top_k, dtype,
+                                      workspace, workspace_bytes);
+    if (status != Q3N_OK) return status;
+    if (impl < Q3N_MOE_AUTO || impl > Q3N_MOE_FAST) return Q3N_ERR_BAD_ATTRIBUTE;
+    if (tokens == 0) return Q3N_OK;
+    if (!scale1 || !scale2) return Q3N_ERR_NULL_POINTER;
+    const bool fast_fits = q3n_moe_fast::shapes_fit(x, fc1, fc2, tokens, hidden, inter, experts, top_k);
+    if (impl == Q3N_MOE_AUTO) impl = fast_fits ? Q3N_MOE_FAST : Q3N_MOE_SIMPLE;
+    if (impl == Q3N_MOE_FAST) {
+        if (!fast_fits) return Q3N_ERR_UNSUPPORTED;
+        Q3N_DISPATCH_DTYPE(dtype, launch_fp8_fast, x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden,
+                           inter, experts, top_k, normalize, workspace, stream);
+    }
+    Q3N_DISPATCH_DTYPE(dtype, launch_fp8, x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden, inter,
+                       experts, top_k, normalize, workspace, stream);
+}
+
 Q3N_API int q3n_moe_fp8(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
                         const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden, int inter,
                         int experts, int top_k, int normalize, int dtype, void* workspace, size_t workspace_bytes,
                         cudaStream_t stream) {
-    const int status = check_moe_args(x, router_logits, fc1, fc2, out, tokens, hidden, inter, experts, top_k, dtype,
-                                      workspace, workspace_bytes);
-    if (status != Q3N_OK || tokens == 0) return status;
-    if (!scale1 || !scale2) return Q3N_ERR_NULL_POINTER;
-    Q3N_DISPATCH_DTYPE(dtype, launch_fp8, x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden, inter,
-                       experts, top_k, normalize, workspace, stream);
+    return q3n_moe_fp8_impl(x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden, inter, experts, top_k,
+                            normalize, dtype, workspace, workspace_bytes, Q3N_MOE_AUTO, stream);
 }

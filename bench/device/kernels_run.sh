@@ -1,0 +1,22 @@
+# One device call (device tool): GPU kernel tests + bench/kernels.py, logs under $OUT.
+# Run with carry [".whl"] (the FLA wheel):  bash bench/device/kernels_run.sh
+# Each bench part runs in its own process, so a fault in one (or in a peer) cannot spoil the others.
+set -u
+export PYTHONUNBUFFERED=1
+date -u | tee $OUT/device.txt
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee -a $OUT/device.txt
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl 2>&1 | tail -2
+# the project's stage folders as the package qwen3next_trt (what an editable install maps)
+mkdir -p /tmp/pkg && cp -r qwen3next_trt /tmp/pkg/ && for d in model export plugins engines validate; do ln -sfn $PWD/$d /tmp/pkg/qwen3next_trt/$d; done
+export PYTHONPATH=/tmp/pkg:/tmp/site
+python3 -P -c "from qwen3next_trt.plugins.build import library_path; print(library_path())" 2>&1 | tail -1
+if [ -z "${SKIP_TESTS:-}" ]; then
+  echo "== GPU kernel tests"
+  timeout ${TEST_TIMEOUT:-240} python3 -P -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf tests/test_fast_kernels.py tests/test_plugin_kernels.py > $OUT/gpu_tests.log 2>&1
+  tail -15 $OUT/gpu_tests.log
+fi
+echo "== bench"
+for part in ${PARTS:-moe decode prefill}; do
+  timeout ${BENCH_TIMEOUT:-200} python3 bench/kernels.py --only $part --out /tmp/kernels-$part.json 2>&1 | tee -a $OUT/kernels.log | grep -v "^|"
+done
+python3 bench/kernels.py --merge $(ls /tmp/kernels-*.json) --out $OUT/kernels.json | tee -a $OUT/kernels.log

@@ -1,0 +1,798 @@
+// Fast gated delta rule kernels (Dk = 128, Dv a multiple of 32), chosen by q3n_linear_attention when the
+// shapes fit; the token-serial kernel in kernel.cu stays the fallback and the oracle.
+//
+// decode_kernel: 1..4 tokens per call (decode, speculative verification). Memory-bound on the state
+//   (64 KiB per head in float32), so the state is read once into registers, all tokens are applied
+//   there, and it is written once. Block = (batch, value head, 32 state columns), 128 threads; thread
+//   (warp w, lane) holds 8 rows x 4 columns as float4, rows w*4 + lane/8 + 16*r, so each warp load
+//   covers 4 whole 128-byte row segments. Per token the two column reductions it needs (S^T k and
+//   S^T q) come from one pass over the old state:
+//       pred = g S^T k,  d = beta (v - pred),  o = g S^T q + d (k.q),  S <- g S + k d^T
+//   (o = S_new^T q expanded), so one shared-memory reduction round per token.
+//
+// chunk_kernel / chunk_tc_kernel: prefill, the chunked WY form of model/gated_delta_rule.py with
+//   chunks of 64 tokens. Block = (batch, value head, 32 state columns), 256 threads, the state slice
+//   [128 x 32] in shared memory for the whole sequence; per chunk:
+//       G = cumsum(g);  L_ij = beta_i e^(G_i-G_j) k_i.k_j (j<i);  P_ij = e^(G_i-G_j) q_i.k_j (j<=i)
+//       rhs = beta (V - e^G K S);  (I + L) D = rhs  (forward substitution, per column);
+//       O = e^G (Q S) + P D;  S <- e^(G_last) S + (e^(G_last-G) K)^T D
+//   which is the reference's U - W S with W, U folded into one triangular solve on the right-hand
+//   side: no inverse, no per-chunk workspace. The k-only work (L, P) is repeated by the Dv/32 column
+//   blocks of a head; that buys 4x more blocks for one long sequence (32 heads -> 128 blocks).
+//   chunk_kernel does the products on CUDA cores, chunk_tc_kernel on tensor cores (WMMA tf32, split
+//   into high and low parts for float32 accuracy); the latter is what the dispatch picks.
+#pragma once
+
+#include <mma.h>
+
+#include <type_traits>
+
+#include "../common.cuh"
+
+namespace q3n_gdn {
+
+using q3n::load;
+using q3n::store;
+
+constexpr int kDk = 128;
+constexpr int kCols = 32;  // state columns per block (both kernels)
+
+// ------------------------------------------------------------------------------------------------
+// decode
+
+constexpr int kMaxDecodeTokens = 4;
+constexpr int kDecWarps = 4;
+constexpr int kDecThreads = 32 * kDecWarps;
+constexpr int kDecRows = kDk / (4 * kDecWarps);  // 8 rows per thread
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float v[4]) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) v[c] = load(p, c);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kDecThreads, 7) decode_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* past_state,
+    const T* __restrict__ decay, const T* __restrict__ beta, T* __restrict__ out, float* present_state, int seq,
+    int num_k_heads, int num_v_heads, int head_v_dim, float scale) {
+    __shared__ float qs[kMaxDecodeTokens][kDk];
+    __shared__ float ks[kMaxDecodeTokens][kDk];
+    __shared__ float kq[kMaxDecodeTokens];
+    __shared__ float4 red[2][kDecWarps][2][kCols / 4];  // [token parity][warp][S^T k, S^T q][column group]
+
+    const int Dv = head_v_dim;
+    const int slices = Dv / kCols;
+    const int slice = blockIdx.x % slices;
+    const int bh = blockIdx.x / slices;  // b * Hv + h
+    const int h = bh % num_v_heads, b = bh / num_v_heads;
+    const int kh = h / (num_v_heads / num_k_heads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int cg = lane & 7, rsub = lane >> 3;
+    const int col = slice * kCols + cg * 4;
+    const int64_t base = (int64_t)bh * kDk * Dv + col;
+
+    // State loads go out first: they are the bytes that matter. Plain loads (not the read-only path):
+    // past_state may be present_state.
+    float4 s[kDecRows];
+#pragma unroll
+    for (int r = 0; r < kDecRows; ++r) {
+        const int row = r * 16 + warp * 4 + rsub;
+        s[r] = past_state ? *reinterpret_cast<const float4*>(past_state + base + (int64_t)row * Dv)
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+
+    // Every per-token input is loaded up front (unrolled over the at most 4 tokens), so the block
+    // waits for one round trip to memory, not one per token.
+    const int64_t qk_stride = (int64_t)num_k_heads * kDk;
+    const int64_t v_stride = (int64_t)num_v_heads * Dv;
+    float kin[kMaxDecodeTokens], qin[kMaxDecodeTokens], gate[kMaxDecodeTokens], b_t[kMaxDecodeTokens];
+    float vv[kMaxDecodeTokens][4];
+#pragma unroll
+    for (int t = 0; t < kMaxDecodeTokens; ++t) {
+        if (t < seq) {
+            const int64_t token = (int64_t)b * seq + t;
+            const int64_t off = token * qk_stride + (int64_t)kh * kDk + threadIdx.x;
+            kin[t] = load(k, off);
+            qin[t] = load(q, off);
+            gate[t] = load(decay, token * num_v_heads + h);
+            b_t[t] = load(beta, token * num_v_heads + h);
+            load4(v + token * v_stride + (int64_t)h * Dv + col, vv[t]);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < kMaxDecodeTokens; ++t) {
+        if (t < seq) {
+            ks[t][threadIdx.x] = kin[t];
+            qs[t][threadIdx.x] = qin[t] * scale;
+            gate[t] = expf(gate[t]);
+        }
+    }
+    __syncthreads();
+    if (warp < seq) {
+        float acc = 0.f;
+        for (int i = lane; i < kDk; i += 32) acc += ks[warp][i] * qs[warp][i];
+        acc = q3n::warp_sum(acc);
+        if (lane == 0) kq[warp] = acc;
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int t = 0; t < kMaxDecodeTokens; ++t) {
+        if (t >= seq) break;
+        const int64_t token = (int64_t)b * seq + t;
+        float pk[4] = {0.f, 0.f, 0.f, 0.f}, pq[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < kDecRows; ++r) {
+            const int row = r * 16 + warp * 4 + rsub;
+            const float kk = ks[t][row], qq = qs[t][row];
+            const float sv[4] = {s[r].x, s[r].y, s[r].z, s[r].w};
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                pk[c] += sv[c] * kk;
+                pq[c] += sv[c] * qq;
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+#pragma unroll
+            for (int o = 8; o < 32; o <<= 1) {
+                pk[c] += __shfl_xor_sync(0xffffffffu, pk[c], o);
+                pq[c] += __shfl_xor_sync(0xffffffffu, pq[c], o);
+            }
+        }
+        // Buffers alternate by token: the barrier of token t+1 separates token t's reads from
+        // token t+2's writes.
+        if (rsub == 0) {
+            red[t & 1][warp][0][cg] = make_float4(pk[0], pk[1], pk[2], pk[3]);
+            red[t & 1][warp][1][cg] = make_float4(pq[0], pq[1], pq[2], pq[3]);
+        }
+        __syncthreads();
+        float sk[4] = {0.f, 0.f, 0.f, 0.f}, sq[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < kDecWarps; ++w) {
+            const float4 a = red[t & 1][w][0][cg], c4 = red[t & 1][w][1][cg];
+            sk[0] += a.x, sk[1] += a.y, sk[2] += a.z, sk[3] += a.w;
+            sq[0] += c4.x, sq[1] += c4.y, sq[2] += c4.z, sq[3] += c4.w;
+        }
+        float d[4], o[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            d[c] = b_t[t] * (vv[t][c] - gate[t] * sk[c]);
+            o[c] = gate[t] * sq[c] + d[c] * kq[t];
+        }
+        if (warp == 0 && rsub == 0) {
+            T* dst = out + token * v_stride + (int64_t)h * Dv + col;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) store(dst, c, o[c]);
+        }
+#pragma unroll
+        for (int r = 0; r < kDecRows; ++r) {
+            const float kk = ks[t][r * 16 + warp * 4 + rsub];
+            s[r].x = gate[t] * s[r].x + kk * d[0];
+            s[r].y = gate[t] * s[r].y + kk * d[1];
+            s[r].z = gate[t] * s[r].z + kk * d[2];
+            s[r].w = gate[t] * s[r].w + kk * d[3];
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < kDecRows; ++r) {
+        const int row = r * 16 + warp * 4 + rsub;
+        *reinterpret_cast<float4*>(present_state + base + (int64_t)row * Dv) = s[r];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// chunked prefill
+
+constexpr int kChunk = 64;
+constexpr int kChThreads = 256;
+constexpr int kKT = kChunk + 4;  // row stride of the transposed k/q tiles: float4-aligned, fewer conflicts
+constexpr int kTri = kChunk + 1;  // row stride of L and P: column walks hit distinct banks
+
+struct ChunkSmem {
+    float kT[kDk][kKT];     // k of the chunk, transposed: kT[d][i]
+    float qT[kDk][kKT];     // scale * q, transposed
+    float S[kDk][kCols];    // the state slice
+    float D[kChunk][kCols];  // v slice -> right-hand side -> deltas
+    float QS[kChunk][kCols];
+    float L[kChunk][kTri];
+    float P[kChunk][kTri];
+    float G[kChunk];
+    float eG[kChunk];
+    float bt[kChunk];
+};
+
+constexpr size_t kChunkSmemBytes = sizeof(ChunkSmem);
+
+template <typename T>
+__global__ void __launch_bounds__(kChThreads) chunk_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* past_state,
+    const T* __restrict__ decay, const T* __restrict__ beta, T* __restrict__ out, float* present_state, int seq,
+    int num_k_heads, int num_v_heads, int head_v_dim, float scale) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    ChunkSmem& sm = *reinterpret_cast<ChunkSmem*>(smem_raw);
+
+    const int Dv = head_v_dim;
+    const int slices = Dv / kCols;
+    const int slice = blockIdx.x % slices;
+    const int bh = blockIdx.x / slices;
+    const int h = bh % num_v_heads, b = bh / num_v_heads;
+    const int kh = h / (num_v_heads / num_k_heads);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int col0 = slice * kCols;
+    const int64_t state_base = (int64_t)bh * kDk * Dv + col0;
+
+    for (int idx = tid; idx < kDk * kCols; idx += kChThreads) {
+        const int d = idx / kCols, c = idx % kCols;
+        sm.S[d][c] = past_state ? past_state[state_base + (int64_t)d * Dv + c] : 0.f;
+    }
+
+    const int64_t qk_stride = (int64_t)num_k_heads * kDk;
+    const int64_t v_stride = (int64_t)num_v_heads * Dv;
+    const int chunks = (seq + kChunk - 1) / kChunk;
+    for (int n = 0; n < chunks; ++n) {
+        const int t0 = n * kChunk;
+        const int valid = min(kChunk, seq - t0);
+        // ---- a. load the chunk; padded tokens are k = q = v = beta = g = 0 and change nothing
+        {
+            // All of the chunk's loads are issued before the first shared-memory store (one round
+            // trip per chunk instead of one per element group).
+            constexpr int kPerThread = kChunk * kDk / kChThreads;  // 32
+            constexpr int kVPerThread = kChunk * kCols / kChThreads;  // 8
+            float kr[kPerThread], qr[kPerThread], vr[kVPerThread];
+            const int d = tid % kDk;
+#pragma unroll
+            for (int m = 0; m < kPerThread; ++m) {
+                const int i = m * (kChThreads / kDk) + tid / kDk;
+                const int64_t off = ((int64_t)b * seq + t0 + i) * qk_stride + (int64_t)kh * kDk + d;
+                kr[m] = i < valid ? load(k, off) : 0.f;
+                qr[m] = i < valid ? load(q, off) : 0.f;
+            }
+#pragma unroll
+            for (int m = 0; m < kVPerThread; ++m) {
+                const int i = m * (kChThreads / kCols) + tid / kCols, c = tid % kCols;
+                vr[m] = i < valid ? load(v, ((int64_t)b * seq + t0 + i) * v_stride + (int64_t)h * Dv + col0 + c) : 0.f;
+            }
+#pragma unroll
+            for (int m = 0; m < kPerThread; ++m) {
+                const int i = m * (kChThreads / kDk) + tid / kDk;
+                sm.kT[d][i] = kr[m];
+                sm.qT[d][i] = qr[m] * scale;
+            }
+#pragma unroll
+            for (int m = 0; m < kVPerThread; ++m) sm.D[m * (kChThreads / kCols) + tid / kCols][tid % kCols] = vr[m];
+        }
+        if (warp == 0) {
+            // inclusive scan of g over the chunk: two tokens per lane
+            const int i0 = 2 * lane, i1 = 2 * lane + 1;
+            const int64_t gi = ((int64_t)b * seq + t0) * num_v_heads + h;
+            const float g0 = i0 < valid ? load(decay, gi + (int64_t)i0 * num_v_heads) : 0.f;
+            const float g1 = i1 < valid ? load(decay, gi + (int64_t)i1 * num_v_heads) : 0.f;
+            float run = g0 + g1;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float up = __shfl_up_sync(0xffffffffu, run, o);
+                if (lane >= o) run += up;
+            }
+            const float before = run - g0 - g1;
+            sm.G[i0] = before + g0;
+            sm.G[i1] = run;
+            sm.eG[i0] = expf(before + g0);
+            sm.eG[i1] = expf(run);
+            sm.bt[i0] = i0 < valid ? load(beta, gi + (int64_t)i0 * num_v_heads) : 0.f;
+            sm.bt[i1] = i1 < valid ? load(beta, gi + (int64_t)i1 * num_v_heads) : 0.f;
+        }
+        __syncthreads();
+
+        // ---- b. L (4x4 tile per thread), then rhs and QS (2 rows x 4 columns per thread)
+        {
+            const int ti = tid / 16, tj = tid % 16;
+            float kk[4][4] = {};
+#pragma unroll 4
+            for (int d = 0; d < kDk; ++d) {
+                const float4 ki = *reinterpret_cast<const float4*>(&sm.kT[d][ti * 4]);
+                const float4 kj = *reinterpret_cast<const float4*>(&sm.kT[d][tj * 4]);
+                const float a[4] = {ki.x, ki.y, ki.z, ki.w}, bj[4] = {kj.x, kj.y, kj.z, kj.w};
+#pragma unroll
+                for (int r = 0; r < 4; ++r)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) kk[r][c] += a[r] * bj[c];
+            }
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int i = ti * 4 + r;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int j = tj * 4 + c;
+                    // G is non-increasing, so e^(G_i - G_j) <= 1 only for j <= i: mask before exp.
+                    sm.L[i][j] = j < i ? sm.bt[i] * expf(sm.G[i] - sm.G[j]) * kk[r][c] : 0.f;
+                }
+            }
+        }
+        {
+            const int ti = tid / 8, tc = tid % 8;
+            const int i0 = ti, i1 = ti + 32;
+            float ks0[4] = {}, ks1[4] = {}, qs0[4] = {}, qs1[4] = {};
+#pragma unroll 4
+            for (int d = 0; d < kDk; ++d) {
+                const float4 s4 = *reinterpret_cast<const float4*>(&sm.S[d][tc * 4]);
+                const float sv[4] = {s4.x, s4.y, s4.z, s4.w};
+                const float k0 = sm.kT[d][i0], k1 = sm.kT[d][i1], q0 = sm.qT[d][i0], q1 = sm.qT[d][i1];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    ks0[c] += k0 * sv[c];
+                    ks1[c] += k1 * sv[c];
+                    qs0[c] += q0 * sv[c];
+                    qs1[c] += q1 * sv[c];
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int cc = tc * 4 + c;
+                sm.D[i0][cc] = sm.bt[i0] * (sm.D[i0][cc] - sm.eG[i0] * ks0[c]);
+                sm.D[i1][cc] = sm.bt[i1] * (sm.D[i1][cc] - sm.eG[i1] * ks1[c]);
+                sm.QS[i0][cc] = qs0[c];
+                sm.QS[i1][cc] = qs1[c];
+            }
+        }
+        __syncthreads();
+
+        // ---- c. warp 0: (I + L) D = rhs in place, lane = column, the 64 deltas in registers (a
+        //      sequential solve has no use for more threads); warps 1..7 meanwhile: P (needed in d only)
+        if (warp == 0) {
+            float dl[kChunk];
+#pragma unroll
+            for (int j = 0; j < kChunk; ++j) dl[j] = sm.D[j][lane];
+#pragma unroll
+            for (int i = 1; i < kChunk; ++i) {
+                float acc0 = 0.f, acc1 = 0.f;
+#pragma unroll
+                for (int j = 0; j + 1 < i; j += 2) {
+                    acc0 += sm.L[i][j] * dl[j];
+                    acc1 += sm.L[i][j + 1] * dl[j + 1];
+                }
+                if (i % 2 == 1) acc0 += sm.L[i][i - 1] * dl[i - 1];
+                dl[i] -= acc0 + acc1;
+            }
+#pragma unroll
+            for (int j = 0; j < kChunk; ++j) sm.D[j][lane] = dl[j];
+        } else {
+            for (int tile = tid - 32; tile < (kChunk / 4) * (kChunk / 4); tile += kChThreads - 32) {
+                const int ti = tile / 16, tj = tile % 16;
+                if (tj > ti) {  // strictly above the diagonal in 4x4 blocks: all zero
+#pragma unroll
+                    for (int r = 0; r < 4; ++r)
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) sm.P[ti * 4 + r][tj * 4 + c] = 0.f;
+                    continue;
+                }
+                float qk[4][4] = {};
+#pragma unroll 4
+                for (int d = 0; d < kDk; ++d) {
+                    const float4 qi = *reinterpret_cast<const float4*>(&sm.qT[d][ti * 4]);
+                    const float4 kj = *reinterpret_cast<const float4*>(&sm.kT[d][tj * 4]);
+                    const float a[4] = {qi.x, qi.y, qi.z, qi.w}, bj[4] = {kj.x, kj.y, kj.z, kj.w};
+#pragma unroll
+                    for (int r = 0; r < 4; ++r)
+#pragma unroll
+                        for (int c = 0; c < 4; ++c) qk[r][c] += a[r] * bj[c];
+                }
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int i = ti * 4 + r;
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const int j = tj * 4 + c;
+                        sm.P[i][j] = j <= i ? expf(sm.G[i] - sm.G[j]) * qk[r][c] : 0.f;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+
+        // ---- d. outputs and the state update
+        {
+            const int ti = tid / 8, tc = tid % 8;
+            const int i0 = ti, i1 = ti + 32;
+            float o0[4], o1[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                o0[c] = sm.eG[i0] * sm.QS[i0][tc * 4 + c];
+                o1[c] = sm.eG[i1] * sm.QS[i1][tc * 4 + c];
+            }
+            for (int j = 0; j <= i1; ++j) {
+                const float4 d4 = *reinterpret_cast<const float4*>(&sm.D[j][tc * 4]);
+                const float dv[4] = {d4.x, d4.y, d4.z, d4.w};
+                const float p0 = j <= i0 ? sm.P[i0][j] : 0.f, p1 = sm.P[i1][j];
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    o0[c] += p0 * dv[c];
+                    o1[c] += p1 * dv[c];
+                }
+            }
+            if (i0 < valid) {
+                T* dst = out + ((int64_t)b * seq + t0 + i0) * v_stride + (int64_t)h * Dv + col0 + tc * 4;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) store(dst, c, o0[c]);
+            }
+            if (i1 < valid) {
+                T* dst = out + ((int64_t)b * seq + t0 + i1) * v_stride + (int64_t)h * Dv + col0 + tc * 4;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) store(dst, c, o1[c]);
+            }
+        }
+        // Other threads read S only in phase b, before the last barrier: updating it now is safe.
+        {
+            const int td = tid / 8, tc = tid % 8;  // rows td*4..+3, columns tc*4..+3
+            const float g_last = sm.G[kChunk - 1];
+            const float e_last = expf(g_last);
+            float acc[4][4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const float4 s4 = *reinterpret_cast<const float4*>(&sm.S[td * 4 + r][tc * 4]);
+                acc[r][0] = e_last * s4.x, acc[r][1] = e_last * s4.y, acc[r][2] = e_last * s4.z, acc[r][3] = e_last * s4.w;
+            }
+            for (int i = 0; i < kChunk; ++i) {
+                const float w = expf(g_last - sm.G[i]);
+                const float4 d4 = *reinterpret_cast<const float4*>(&sm.D[i][tc * 4]);
+                const float dv[4] = {w * d4.x, w * d4.y, w * d4.z, w * d4.w};
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const float kd = sm.kT[td * 4 + r][i];
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) acc[r][c] += kd * dv[c];
+                }
+            }
+            // each thread rewrites exactly the S elements it read above: no barrier needed
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+                *reinterpret_cast<float4*>(&sm.S[td * 4 + r][tc * 4]) = make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+        }
+        __syncthreads();
+    }
+
+    for (int idx = tid; idx < kDk * kCols; idx += kChThreads) {
+        const int d = idx / kCols, c = idx % kCols;
+        present_state[state_base + (int64_t)d * Dv + c] = sm.S[d][c];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// chunked prefill on tensor cores: the same algorithm as chunk_kernel, every product (L, P, K S, Q S,
+// P D, K^T D) as WMMA tf32 m16n16k8 tiles with float32 accumulation. Operands are split into a tf32
+// high part and a tf32 remainder and three products are summed (the remainder x remainder term is
+// dropped), which keeps float32-level accuracy: the state is carried across the whole sequence.
+// Operands that tf32 holds exactly (bf16 inputs: k, unscaled q) skip their remainder products.
+// Elementwise work (causal masks, decays, beta, scale) runs between the products on shared memory.
+
+namespace wmma = nvcuda::wmma;
+using FragAR = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragAC = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using FragBR = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+// Row strides of 8 mod 32 floats: the 8 x 4 element pattern of a tf32 fragment load then hits 32
+// distinct banks (and tiles stay 32-byte aligned, as WMMA requires).
+constexpr int kTcLd = kChunk + 8;  // kT, qT, L, P
+constexpr int kTcCols = kCols + 8;  // S, D, KS, QS
+
+struct alignas(128) ChunkTcSmem {
+    float kT[kDk][kTcLd];  // k^T: kT[d][i]
+    float qT[kDk][kTcLd];  // q^T, unscaled (scale is applied in the elementwise passes)
+    float S[kDk][kTcCols];
+    float D[kChunk][kTcCols];   // v -> rhs -> deltas
+    float KS[kChunk][kTcCols];  // K S -> deltas scaled to the chunk end
+    float QS[kChunk][kTcCols];  // Q S -> e^G scale Q S -> outputs
+    float L[kChunk][kTcLd];
+    float P[kChunk][kTcLd];
+    float G[kChunk];
+    float eG[kChunk];
+    float bt[kChunk];
+};
+constexpr size_t kChunkTcSmemBytes = sizeof(ChunkTcSmem);
+
+template <class Frag>
+__device__ __forceinline__ void split_tf32(const Frag& f, Frag& hi, Frag& lo) {
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) {
+        const float h = wmma::__float_to_tf32(f.x[i]);
+        hi.x[i] = h;
+        lo.x[i] = wmma::__float_to_tf32(f.x[i] - h);
+    }
+}
+
+// acc += A B in split tf32 (see above); kAExact / kBExact: the operand is exact in tf32.
+template <bool kAExact, bool kBExact, class FA, class FB>
+__device__ __forceinline__ void mma3(FragC& acc, const FA& a, const FB& b) {
+    FA ah, al;
+    FB bh, bl;
+    split_tf32(a, ah, al);
+    split_tf32(b, bh, bl);
+    if (!kAExact) wmma::mma_sync(acc, al, bh, acc);
+    if (!kBExact) wmma::mma_sync(acc, ah, bl, acc);
+    wmma::mma_sync(acc, ah, bh, acc);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kChThreads) chunk_tc_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* past_state,
+    const T* __restrict__ decay, const T* __restrict__ beta, T* __restrict__ out, float* present_state, int seq,
+    int num_k_heads, int num_v_heads, int head_v_dim, float scale) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    ChunkTcSmem& sm = *reinterpret_cast<ChunkTcSmem*>(smem_raw);
+    constexpr bool kExact = std::is_same<T, __nv_bfloat16>::value;  // bf16 values are tf32 values
+
+    const int Dv = head_v_dim;
+    const int slices = Dv / kCols;
+    const int slice = blockIdx.x % slices;
+    const int bh = blockIdx.x / slices;
+    const int h = bh % num_v_heads, b = bh / num_v_heads;
+    const int kh = h / (num_v_heads / num_k_heads);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int col0 = slice * kCols;
+    const int64_t state_base = (int64_t)bh * kDk * Dv + col0;
+
+    for (int idx = tid; idx < kDk * kCols; idx += kChThreads) {
+        const int d = idx / kCols, c = idx % kCols;
+        sm.S[d][c] = past_state ? past_state[state_base + (int64_t)d * Dv + c] : 0.f;
+    }
+
+    const int64_t qk_stride = (int64_t)num_k_heads * kDk;
+    const int64_t v_stride = (int64_t)num_v_heads * Dv;
+    const int chunks = (seq + kChunk - 1) / kChunk;
+    for (int n = 0; n < chunks; ++n) {
+        const int t0 = n * kChunk;
+        const int valid = min(kChunk, seq - t0);
+        // ---- a. load (as chunk_kernel; q unscaled)
+        {
+            constexpr int kPerThread = kChunk * kDk / kChThreads;
+            constexpr int kVPerThread = kChunk * kCols / kChThreads;
+            float kr[kPerThread], qr[kPerThread], vr[kVPerThread];
+            // a warp instruction covers 8 tokens x 4 columns: its transposed stores kT[d][i] land in
+            // 32 distinct banks (row stride 8 mod 32)
+            auto tok = [&](int m) { return ((m * (kChThreads / 32) + warp) % 8) * 8 + lane % 8; };
+            auto dim = [&](int m) { return ((m * (kChThreads / 32) + warp) / 8) * 4 + lane / 8; };
+#pragma unroll
+            for (int m = 0; m < kPerThread; ++m) {
+                const int i = tok(m), d = dim(m);
+                const int64_t off = ((int64_t)b * seq + t0 + i) * qk_stride + (int64_t)kh * kDk + d;
+                kr[m] = i < valid ? load(k, off) : 0.f;
+                qr[m] = i < valid ? load(q, off) : 0.f;
+            }
+#pragma unroll
+            for (int m = 0; m < kVPerThread; ++m) {
+                const int i = m * (kChThreads / kCols) + tid / kCols, c = tid % kCols;
+                vr[m] = i < valid ? load(v, ((int64_t)b * seq + t0 + i) * v_stride + (int64_t)h * Dv + col0 + c) : 0.f;
+            }
+#pragma unroll
+            for (int m = 0; m < kPerThread; ++m) {
+                sm.kT[dim(m)][tok(m)] = kr[m];
+                sm.qT[dim(m)][tok(m)] = qr[m];
+            }
+#pragma unroll
+            for (int m = 0; m < kVPerThread; ++m) sm.D[m * (kChThreads / kCols) + tid / kCols][tid % kCols] = vr[m];
+        }
+        if (warp == 0) {
+            const int i0 = 2 * lane, i1 = 2 * lane + 1;
+            const int64_t gi = ((int64_t)b * seq + t0) * num_v_heads + h;
+            const float g0 = i0 < valid ? load(decay, gi + (int64_t)i0 * num_v_heads) : 0.f;
+            const float g1 = i1 < valid ? load(decay, gi + (int64_t)i1 * num_v_heads) : 0.f;
+            float run = g0 + g1;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float up = __shfl_up_sync(0xffffffffu, run, o);
+                if (lane >= o) run += up;
+            }
+            const float before = run - g0 - g1;
+            sm.G[i0] = before + g0;
+            sm.G[i1] = run;
+            sm.eG[i0] = expf(before + g0);
+            sm.eG[i1] = expf(run);
+            sm.bt[i0] = i0 < valid ? load(beta, gi + (int64_t)i0 * num_v_heads) : 0.f;
+            sm.bt[i1] = i1 < valid ? load(beta, gi + (int64_t)i1 * num_v_heads) : 0.f;
+        }
+        __syncthreads();
+
+        // ---- b. products: jobs 0-9 L (lower 16x16 tiles), 10-19 P, 20-27 K S, 28-35 Q S
+        for (int job = warp; job < 36; job += kChThreads / 32) {
+            FragC acc;
+            wmma::fill_fragment(acc, 0.f);
+            if (job < 20) {
+                int t = job % 10, ti = 0;
+                while (t > ti) t -= ++ti;  // t-th lower tile in row order: (ti, tj = t)
+                const int tj = t;
+                const float* A = job < 10 ? &sm.kT[0][0] : &sm.qT[0][0];
+#pragma unroll 4
+                for (int k0 = 0; k0 < kDk; k0 += 8) {
+                    FragAC a;
+                    FragBR bb;
+                    wmma::load_matrix_sync(a, A + k0 * kTcLd + ti * 16, kTcLd);
+                    wmma::load_matrix_sync(bb, &sm.kT[k0][tj * 16], kTcLd);
+                    mma3<kExact, kExact>(acc, a, bb);
+                }
+                wmma::store_matrix_sync(job < 10 ? &sm.L[ti * 16][tj * 16] : &sm.P[ti * 16][tj * 16], acc, kTcLd,
+                                        wmma::mem_row_major);
+            } else {
+                const int t = (job - 20) % 8, ti = t / 2, tc = t % 2;
+                const float* A = job < 28 ? &sm.kT[0][0] : &sm.qT[0][0];
+#pragma unroll 4
+                for (int k0 = 0; k0 < kDk; k0 += 8) {
+                    FragAC a;
+                    FragBR bb;
+                    wmma::load_matrix_sync(a, A + k0 * kTcLd + ti * 16, kTcLd);
+                    wmma::load_matrix_sync(bb, &sm.S[k0][tc * 16], kTcCols);
+                    mma3<kExact, false>(acc, a, bb);
+                }
+                wmma::store_matrix_sync(job < 28 ? &sm.KS[ti * 16][tc * 16] : &sm.QS[ti * 16][tc * 16], acc, kTcCols,
+                                        wmma::mem_row_major);
+            }
+        }
+        __syncthreads();
+        // elementwise: masks and decays of L and P; rhs; e^G scale Q S
+        for (int idx = tid; idx < kChunk * kChunk; idx += kChThreads) {
+            const int i = idx / kChunk, j = idx % kChunk;
+            // G is non-increasing, so e^(G_i - G_j) <= 1 only for j <= i: mask before exp.
+            const float dec = j <= i ? expf(sm.G[i] - sm.G[j]) : 0.f;
+            sm.L[i][j] = j < i ? sm.bt[i] * dec * sm.L[i][j] : 0.f;
+            sm.P[i][j] = j <= i ? scale * dec * sm.P[i][j] : 0.f;
+        }
+        for (int idx = tid; idx < kChunk * kCols; idx += kChThreads) {
+            const int i = idx / kCols, c = idx % kCols;
+            sm.D[i][c] = sm.bt[i] * (sm.D[i][c] - sm.eG[i] * sm.KS[i][c]);
+            sm.QS[i][c] *= scale * sm.eG[i];
+        }
+        __syncthreads();
+
+        // ---- c. (I + L) D = rhs, blocked by 16 rows: warp 0 solves a diagonal block (lane = column,
+        //      deltas in registers), then all threads subtract its contribution from the rows below
+        for (int blk = 0; blk < kChunk; blk += 16) {
+            if (warp == 0) {
+                float dl[16];
+#pragma unroll
+                for (int r = 0; r < 16; ++r) dl[r] = sm.D[blk + r][lane];
+#pragma unroll
+                for (int r = 1; r < 16; ++r) {
+                    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                    for (int j = 0; j < r; j += 4) {
+                        // L is zero from the diagonal on: the padding terms of the last float4 add 0
+                        const float4 l4 = *reinterpret_cast<const float4*>(&sm.L[blk + r][blk + j]);
+                        acc[0] += l4.x * dl[j];
+                        if (j + 1 < r) acc[1] += l4.y * dl[j + 1];
+                        if (j + 2 < r) acc[2] += l4.z * dl[j + 2];
+                        if (j + 3 < r) acc[3] += l4.w * dl[j + 3];
+                    }
+                    dl[r] -= (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                }
+#pragma unroll
+                for (int r = 0; r < 16; ++r) sm.D[blk + r][lane] = dl[r];
+            }
+            __syncthreads();
+            if (blk + 16 < kChunk) {
+                for (int idx = tid; idx < (kChunk - blk - 16) * kCols; idx += kChThreads) {
+                    const int i = blk + 16 + idx / kCols, c = idx % kCols;
+                    float acc = 0.f;
+#pragma unroll
+                    for (int j = 0; j < 16; j += 4) {
+                        const float4 l4 = *reinterpret_cast<const float4*>(&sm.L[i][blk + j]);
+                        acc += l4.x * sm.D[blk + j][c] + l4.y * sm.D[blk + j + 1][c] + l4.z * sm.D[blk + j + 2][c] +
+                               l4.w * sm.D[blk + j + 3][c];
+                    }
+                    sm.D[i][c] -= acc;
+                }
+                __syncthreads();
+            }
+        }
+
+        // ---- d. deltas scaled to the chunk end, then O = e^G scale Q S + P D and S <- e^G_last S + K^T D_w
+        const float g_last = sm.G[kChunk - 1];
+        for (int idx = tid; idx < kChunk * kCols; idx += kChThreads) {
+            const int i = idx / kCols, c = idx % kCols;
+            sm.KS[i][c] = sm.D[i][c] * expf(g_last - sm.G[i]);
+        }
+        __syncthreads();
+        const float e_last = expf(g_last);
+        for (int job = warp; job < 24; job += kChThreads / 32) {
+            FragC acc;
+            if (job < 8) {
+                const int ti = job / 2, tc = job % 2;
+                wmma::load_matrix_sync(acc, &sm.QS[ti * 16][tc * 16], kTcCols, wmma::mem_row_major);
+#pragma unroll
+                for (int k0 = 0; k0 < kChunk; k0 += 8) {
+                    FragAR a;
+                    FragBR bb;
+                    wmma::load_matrix_sync(a, &sm.P[ti * 16][k0], kTcLd);
+                    wmma::load_matrix_sync(bb, &sm.D[k0][tc * 16], kTcCols);
+                    mma3<false, false>(acc, a, bb);
+                }
+                wmma::store_matrix_sync(&sm.QS[ti * 16][tc * 16], acc, kTcCols, wmma::mem_row_major);
+            } else {
+                const int td = (job - 8) / 2, tc = (job - 8) % 2;
+                wmma::load_matrix_sync(acc, &sm.S[td * 16][tc * 16], kTcCols, wmma::mem_row_major);
+#pragma unroll
+                for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= e_last;
+#pragma unroll
+                for (int k0 = 0; k0 < kChunk; k0 += 8) {
+                    FragAR a;
+                    FragBR bb;
+                    wmma::load_matrix_sync(a, &sm.kT[td * 16][k0], kTcLd);
+                    wmma::load_matrix_sync(bb, &sm.KS[k0][tc * 16], kTcCols);
+                    mma3<kExact, false>(acc, a, bb);
+                }
+                wmma::store_matrix_sync(&sm.S[td * 16][tc * 16], acc, kTcCols, wmma::mem_row_major);
+            }
+        }
+        __syncthreads();
+        for (int idx = tid; idx < kChunk * kCols; idx += kChThreads) {
+            const int i = idx / kCols, c = idx % kCols;
+            if (i < valid) store(out, ((int64_t)b * seq + t0 + i) * v_stride + (int64_t)h * Dv + col0 + c, sm.QS[i][c]);
+        }
+        // The next chunk's loads write kT, qT, D, G only: the outputs read above are not among them.
+    }
+    __syncthreads();
+    for (int idx = tid; idx < kDk * kCols; idx += kChThreads) {
+        const int d = idx / kCols, c = idx % kCols;
+        present_state[state_base + (int64_t)d * Dv + c] = sm.S[d][c];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dispatch helpers
+
+inline bool shapes_fit(const void* past_state, const float* present_state, int num_k_heads, int num_v_heads,
+                       int head_k_dim, int head_v_dim, int64_t batch) {
+    return head_k_dim == kDk && head_v_dim % kCols == 0 && q3n::aligned(present_state, 16) &&
+           (!past_state || q3n::aligned(past_state, 16)) && batch * num_v_heads * (head_v_dim / kCols) <= 0x7fffffff;
+}
+
+template <typename T>
+int launch_decode(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
+                  const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
+                  int num_v_heads, int head_v_dim, float scale, cudaStream_t stream) {
+    const int blocks = batch * num_v_heads * (head_v_dim / kCols);
+    decode_kernel<T><<<blocks, kDecThreads, 0, stream>>>(
+        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), past_state,
+        static_cast<const T*>(decay), static_cast<const T*>(beta), static_cast<T*>(out), present_state, seq,
+        num_k_heads, num_v_heads, head_v_dim, scale);
+    return q3n::launch_status();
+}
+
+template <typename T>
+int launch_chunk_tc(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
+                    const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
+                    int num_v_heads, int head_v_dim, float scale, cudaStream_t stream) {
+    cudaError_t err = cudaFuncSetAttribute(chunk_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)kChunkTcSmemBytes);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return static_cast<int>(err);
+    }
+    const int blocks = batch * num_v_heads * (head_v_dim / kCols);
+    chunk_tc_kernel<T><<<blocks, kChThreads, kChunkTcSmemBytes, stream>>>(
+        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), past_state,
+        static_cast<const T*>(decay), static_cast<const T*>(beta), static_cast<T*>(out), present_state, seq,
+        num_k_heads, num_v_heads, head_v_dim, scale);
+    return q3n::launch_status();
+}
+
+template <typename T>
+int launch_chunk(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
+                 const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
+                 int num_v_heads, int head_v_dim, float scale, cudaStream_t stream) {
+    cudaError_t err = cudaFuncSetAttribute(chunk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)kChunkSmemBytes);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return static_cast<int>(err);
+    }
+    const int blocks = batch * num_v_heads * (head_v_dim / kCols);
+    chunk_kernel<T><<<blocks, kChThreads, kChunkSmemBytes, stream>>>(
+        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), past_state,
+        static_cast<const T*>(decay), static_cast<const T*>(beta), static_cast<T*>(out), present_state, seq,
+        num_k_heads, num_v_heads, head_v_dim, scale);
+    return q3n::launch_status();
+}
+
+}  // namespace q3n_gdn
