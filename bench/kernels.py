@@ -6,7 +6,8 @@
 Rows: Gated DeltaNet prefill (1x4096, 1x32768, 4x8192: the chunked kernel on tensor cores (what the
 plugin dispatches to), the same on CUDA cores, and the simple token loop),
 decode (batch 1/32/256 x 1..4 tokens per call: the fused decode kernel; the simple kernel at 1 token),
-MoE FP8 (1/8/64/4096 tokens: the fast path and the simple GEMVs), bf16 activations. Peers: FLA's
+MoE FP8 (1/8/64/1024/4096 tokens: the decode fast path, the grouped-GEMM prefill path from 1024 tokens,
+and the simple GEMVs), bf16 activations. Peers: FLA's
 Triton kernels when `fla` imports, else the PyTorch reference on the GPU (chunked scan / expert loop).
 
 Timing: small calls are captured R times into one CUDA graph (R input sets, rotated, so that repeated
@@ -197,7 +198,7 @@ def moe_rows(rates, quick):
     deq_down = torch.stack([q.dequantize() for q in q2]).to("cuda", torch.bfloat16)
     del gate, up, down, fc1_deq
     rows = []
-    for n in ((1, 8, 64, 4096) if not quick else (1, 64)):
+    for n in ((1, 8, 64, 1024, 4096) if not quick else (1, 64)):
         # Different routing per call: a repeated call would find its experts in L2.
         copies = 1 if n >= 4096 else max(1, min(32, 320 // (n * TOPK) * 4))
         xs = [torch.randn(n, H, generator=g).to("cuda", torch.bfloat16) for _ in range(copies)]
@@ -212,7 +213,9 @@ def moe_rows(rates, quick):
         act_bytes = n * (2 * H * 2 + E * 2)
         flops = n * TOPK * 3 * 2 * H * INTER
         floor = max((weight_bytes + act_bytes) / rates["copy_GBps"] / 1e6, flops / rates["bf16_TFLOPs"] / 1e9)
-        for impl, label in (("auto", "fast"), ("simple", "simple")):
+        # each path forced (auto takes prefill from 4 pairs per expert: 205 tokens here)
+        impls = (("fast", "fast"),) + ((("prefill", "prefill"),) if n >= 1024 else ()) + (("simple", "simple"),)
+        for impl, label in impls:
             out = call(impl, xs[0], ls[0])()
             t, method = timed_calls([call(impl, x, lg) for x, lg in zip(xs, ls)], reps=5 if n >= 4096 else 20)
             rows.append({"kernel": f"MoE FP8 {label}", "shape": f"{n} tokens", "ms": t, "timing": method, "copies": copies,

@@ -46,7 +46,7 @@ _PROTOTYPES = {
     "q3n_moe_fp8_impl": (_i, [_p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p, _sz, _i, _p]),
 }
 LINEAR_ATTENTION_IMPLS = {"auto": 0, "simple": 1, "decode": 2, "chunk": 3, "chunk_tc": 4}
-MOE_FP8_IMPLS = {"auto": 0, "simple": 1, "fast": 2}
+MOE_FP8_IMPLS = {"auto": 0, "simple": 1, "fast": 2, "prefill": 3}
 
 
 @functools.cache

@@ -283,3 +283,63 @@ def test_moe_fp8_dispatch():
     assert torch.equal(ops.moe_fp8(*odd, 2, 1), ops.moe_fp8(*odd, 2, 1, impl="simple"))
     with pytest.raises(RuntimeError, match="Q3N_ERR_UNSUPPORTED"):
         ops.moe_fp8(*odd, 2, 1, impl="fast")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [1024, 4096])
+def test_moe_fp8_prefill_matches_float64(dtype, N):
+    """The grouped-GEMM prefill path at 80B sizes (512 experts, top-10): ~20 and ~80 pairs per expert,
+    so tiles of 64 pairs are full, partial, and split across experts."""
+    ops = _ops()
+    E, k, H, I = 512, 10, 2048, 512
+    case = _fp8_moe_case(N, E, k, H, I, seed=N + 1, dtype=dtype)
+    out = ops.moe_fp8(*case, k, 1, impl="prefill")
+    assert_close(out, _fp8_moe_reference(*case, k, 1), dtype, f"moe fp8 prefill N={N}")
+    simple = ops.moe_fp8(*case, k, 1, impl="simple")
+    assert rel_err(out, simple) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # deterministic: no float atomics, the same bits on a second call
+    assert torch.equal(out, ops.moe_fp8(*case, k, 1, impl="prefill"))
+
+
+@gpu
+@pytest.mark.parametrize("N,E,k,H,I,normalize", [(777, 64, 6, 256, 128, 1), (1, 8, 2, 128, 128, 0),
+                                                 (130, 200, 3, 384, 256, 1), (65, 4, 4, 512, 384, 0)])
+def test_moe_fp8_prefill_other_sizes(N, E, k, H, I, normalize):
+    """Odd token counts (tails of every expert's last tile), one token, more experts than pairs (most
+    receive none), k = E (every expert gets every token), H, I multiples of 128 other than 80B's."""
+    ops = _ops()
+    case = _fp8_moe_case(N, E, k, H, I, seed=N + E, dtype=torch.float32)
+    out = ops.moe_fp8(*case, k, normalize, impl="prefill")
+    assert_close(out, _fp8_moe_reference(*case, k, normalize), torch.float32, f"moe fp8 prefill N={N} E={E} k={k}")
+    assert rel_err(out, ops.moe_fp8(*case, k, normalize, impl="simple")) < 1e-5
+
+
+@gpu
+def test_moe_fp8_prefill_experts_without_tokens():
+    """Half of the experts can never win (logits 30 lower): they get zero pairs, the rest many; and the
+    first and last experts are among the empty ones (the tile search's ends)."""
+    ops = _ops()
+    N, E, k, H, I = 500, 32, 4, 256, 128
+    x, logits, fc1, scale1, fc2, scale2 = _fp8_moe_case(N, E, k, H, I, seed=11, dtype=torch.bfloat16)
+    dead = torch.zeros(E, dtype=torch.bool, device="cuda")
+    dead[0::2] = True
+    dead[E - 1] = True
+    logits = (logits.float() - 30 * dead.float()).to(torch.bfloat16)
+    case = (x, logits, fc1, scale1, fc2, scale2)
+    out = ops.moe_fp8(*case, k, 1, impl="prefill")
+    assert_close(out, _fp8_moe_reference(*case, k, 1), torch.bfloat16, "moe fp8 prefill, empty experts")
+    assert rel_err(out, ops.moe_fp8(*case, k, 1, impl="simple")) < 1e-2
+
+
+@gpu
+def test_moe_fp8_prefill_dispatch():
+    ops = _ops()
+    # 4096 pairs over 16 experts: the plugin entry point takes the prefill path, bit for bit
+    case = _fp8_moe_case(1024, 16, 4, 256, 128, seed=12, dtype=torch.bfloat16)
+    assert torch.equal(ops.moe_fp8(*case, 4, 1), ops.moe_fp8(*case, 4, 1, impl="prefill"))
+    # H not a multiple of 128: the decode-style fast path at any N, and prefill refuses
+    odd = _fp8_moe_case(1024, 16, 4, 272, 128, seed=13, dtype=torch.bfloat16)
+    assert torch.equal(ops.moe_fp8(*odd, 4, 1), ops.moe_fp8(*odd, 4, 1, impl="fast"))
+    with pytest.raises(RuntimeError, match="Q3N_ERR_UNSUPPORTED"):
+        ops.moe_fp8(*odd, 4, 1, impl="prefill")

@@ -150,11 +150,12 @@ def test_explicit_kernel_choice_arguments(plugin_library):
 
     moe8 = lambda impl, hidden=2048, inter=512, experts=512, k=10: lib.q3n_moe_fp8_impl(  # noqa: E731
         FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, 3, hidden, inter, experts, k, 1, 2, FAKE, 1 << 30, impl, None)
-    assert moe8(3) == -4
     assert moe8(2, hidden=200) == -5 and moe8(2, inter=72) == -5
     assert moe8(2, experts=2048, k=10) == -5 and moe8(2, experts=64, k=17) == -5
     assert moe8(2, inter=2048, k=10) == -5 and moe8(2, inter=704, k=16) == -5  # k * I beyond fc2's staging buffer
     assert moe8(2, k=0) == -4  # argument checks first
+    assert moe8(3, hidden=2064) == -5 and moe8(3, inter=528) == -5  # prefill: whole 128-column scale blocks only
+    assert moe8(4) == -4
 
 
 def test_moe_workspace_size_formula(plugin_library):
@@ -162,7 +163,10 @@ def test_moe_workspace_size_formula(plugin_library):
     align = lambda n: -(-n // 256) * 256  # noqa: E731
     for tokens, experts, k, hidden, inter in [(1, 16, 4, 2048, 512), (7, 512, 10, 2048, 512), (4096, 512, 10, 2048, 512)]:
         pairs = tokens * k
-        assert lib.q3n_moe_workspace_size(tokens, experts, k, hidden, inter) == 2 * align(4 * pairs) + align(4 * pairs * inter)
+        # ids, weights, act; then the prefill path's counts, tile starts, offsets, permutation both ways, y [N*k, H]
+        expect = 2 * align(4 * pairs) + align(4 * pairs * inter)
+        expect += align(4 * experts) + 2 * align(4 * (experts + 1)) + 2 * align(4 * pairs) + align(4 * pairs * hidden)
+        assert lib.q3n_moe_workspace_size(tokens, experts, k, hidden, inter) == expect
     assert lib.q3n_moe_workspace_size(0, 16, 4, 64, 32) == 0
     assert lib.q3n_moe_workspace_size(3, 16, 17, 64, 32) == 0  # invalid: the launch rejects it
 

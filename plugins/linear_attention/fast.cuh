@@ -206,6 +206,105 @@ struct ChunkSmem {
 
 constexpr size_t kChunkSmemBytes = sizeof(ChunkSmem);
 
+// Where a prefill block works: (batch, value head, 32-column slice of the state); both chunk kernels.
+struct ChunkBlock {
+    int Dv, nvh, h, b, kh, col0;
+    int64_t state_base, qk_stride, v_stride;
+    __device__ __forceinline__ ChunkBlock(int num_k_heads, int num_v_heads, int head_v_dim) {
+        Dv = head_v_dim, nvh = num_v_heads;
+        const int slices = Dv / kCols;
+        const int slice = blockIdx.x % slices;
+        const int bh = blockIdx.x / slices;
+        h = bh % num_v_heads, b = bh / num_v_heads;
+        kh = h / (num_v_heads / num_k_heads);
+        col0 = slice * kCols;
+        state_base = (int64_t)bh * kDk * Dv + col0;
+        qk_stride = (int64_t)num_k_heads * kDk;
+        v_stride = (int64_t)num_v_heads * Dv;
+    }
+    // element offset of token i of the chunk starting at t0, in the [B, T, Hv, Dv] v / out layout
+    __device__ __forceinline__ int64_t v_off(int seq, int t0, int i) const {
+        return ((int64_t)b * seq + t0 + i) * v_stride + (int64_t)h * Dv + col0;
+    }
+};
+
+// The state slice to / from shared memory (Smem: either kernel's layout, the row strides differ).
+template <class Smem>
+__device__ __forceinline__ void load_state(Smem& sm, const float* past_state, const ChunkBlock& cb) {
+    for (int idx = threadIdx.x; idx < kDk * kCols; idx += kChThreads) {
+        const int d = idx / kCols, c = idx % kCols;
+        sm.S[d][c] = past_state ? past_state[cb.state_base + (int64_t)d * cb.Dv + c] : 0.f;
+    }
+}
+
+template <class Smem>
+__device__ __forceinline__ void store_state(const Smem& sm, float* present_state, const ChunkBlock& cb) {
+    for (int idx = threadIdx.x; idx < kDk * kCols; idx += kChThreads) {
+        const int d = idx / kCols, c = idx % kCols;
+        present_state[cb.state_base + (int64_t)d * cb.Dv + c] = sm.S[d][c];
+    }
+}
+
+// Phase a of both chunk kernels: the chunk's k, q (times scale when kScaleQ) transposed into kT, qT,
+// its v slice into D, and (warp 0) G = cumsum(g), e^G, beta; ends with a barrier. Padded tokens are
+// k = q = v = beta = g = 0 and change nothing. tok(m), dim(m): the token and key dimension of this
+// thread's m-th k/q element (the kernels map threads differently, for their shared-memory banks).
+// All of the chunk's loads are issued before the first shared-memory store (one round trip per chunk
+// instead of one per element group).
+template <bool kScaleQ, class Smem, typename T, class Tok, class Dim>
+__device__ __forceinline__ void load_chunk(Smem& sm, const T* __restrict__ q, const T* __restrict__ k,
+                                           const T* __restrict__ v, const T* __restrict__ decay,
+                                           const T* __restrict__ beta, const ChunkBlock& cb, int seq, int t0,
+                                           int valid, float scale, Tok tok, Dim dim) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    {
+        constexpr int kPerThread = kChunk * kDk / kChThreads;     // 32
+        constexpr int kVPerThread = kChunk * kCols / kChThreads;  // 8
+        float kr[kPerThread], qr[kPerThread], vr[kVPerThread];
+#pragma unroll
+        for (int m = 0; m < kPerThread; ++m) {
+            const int i = tok(m), d = dim(m);
+            const int64_t off = ((int64_t)cb.b * seq + t0 + i) * cb.qk_stride + (int64_t)cb.kh * kDk + d;
+            kr[m] = i < valid ? load(k, off) : 0.f;
+            qr[m] = i < valid ? load(q, off) : 0.f;
+        }
+#pragma unroll
+        for (int m = 0; m < kVPerThread; ++m) {
+            const int i = m * (kChThreads / kCols) + tid / kCols, c = tid % kCols;
+            vr[m] = i < valid ? load(v, cb.v_off(seq, t0, i) + c) : 0.f;
+        }
+#pragma unroll
+        for (int m = 0; m < kPerThread; ++m) {
+            sm.kT[dim(m)][tok(m)] = kr[m];
+            sm.qT[dim(m)][tok(m)] = kScaleQ ? qr[m] * scale : qr[m];
+        }
+#pragma unroll
+        for (int m = 0; m < kVPerThread; ++m) sm.D[m * (kChThreads / kCols) + tid / kCols][tid % kCols] = vr[m];
+    }
+    if (warp == 0) {
+        // inclusive scan of g over the chunk: two tokens per lane
+        const int i0 = 2 * lane, i1 = 2 * lane + 1;
+        const int nh = cb.nvh;
+        const int64_t gi = ((int64_t)cb.b * seq + t0) * nh + cb.h;
+        const float g0 = i0 < valid ? load(decay, gi + (int64_t)i0 * nh) : 0.f;
+        const float g1 = i1 < valid ? load(decay, gi + (int64_t)i1 * nh) : 0.f;
+        float run = g0 + g1;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float up = __shfl_up_sync(0xffffffffu, run, o);
+            if (lane >= o) run += up;
+        }
+        const float before = run - g0 - g1;
+        sm.G[i0] = before + g0;
+        sm.G[i1] = run;
+        sm.eG[i0] = expf(before + g0);
+        sm.eG[i1] = expf(run);
+        sm.bt[i0] = i0 < valid ? load(beta, gi + (int64_t)i0 * nh) : 0.f;
+        sm.bt[i1] = i1 < valid ? load(beta, gi + (int64_t)i1 * nh) : 0.f;
+    }
+    __syncthreads();
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kChThreads) chunk_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* past_state,
@@ -214,77 +313,17 @@ __global__ void __launch_bounds__(kChThreads) chunk_kernel(
     extern __shared__ __align__(128) unsigned char smem_raw[];
     ChunkSmem& sm = *reinterpret_cast<ChunkSmem*>(smem_raw);
 
-    const int Dv = head_v_dim;
-    const int slices = Dv / kCols;
-    const int slice = blockIdx.x % slices;
-    const int bh = blockIdx.x / slices;
-    const int h = bh % num_v_heads, b = bh / num_v_heads;
-    const int kh = h / (num_v_heads / num_k_heads);
+    const ChunkBlock cb(num_k_heads, num_v_heads, head_v_dim);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int col0 = slice * kCols;
-    const int64_t state_base = (int64_t)bh * kDk * Dv + col0;
+    load_state(sm, past_state, cb);
 
-    for (int idx = tid; idx < kDk * kCols; idx += kChThreads) {
-        const int d = idx / kCols, c = idx % kCols;
-        sm.S[d][c] = past_state ? past_state[state_base + (int64_t)d * Dv + c] : 0.f;
-    }
-
-    const int64_t qk_stride = (int64_t)num_k_heads * kDk;
-    const int64_t v_stride = (int64_t)num_v_heads * Dv;
     const int chunks = (seq + kChunk - 1) / kChunk;
     for (int n = 0; n < chunks; ++n) {
         const int t0 = n * kChunk;
         const int valid = min(kChunk, seq - t0);
-        // ---- a. load the chunk; padded tokens are k = q = v = beta = g = 0 and change nothing
-        {
-            // All of the chunk's loads are issued before the first shared-memory store (one round
-            // trip per chunk instead of one per element group).
-            constexpr int kPerThread = kChunk * kDk / kChThreads;  // 32
-            constexpr int kVPerThread = kChunk * kCols / kChThreads;  // 8
-            float kr[kPerThread], qr[kPerThread], vr[kVPerThread];
-            const int d = tid % kDk;
-#pragma unroll
-            for (int m = 0; m < kPerThread; ++m) {
-                const int i = m * (kChThreads / kDk) + tid / kDk;
-                const int64_t off = ((int64_t)b * seq + t0 + i) * qk_stride + (int64_t)kh * kDk + d;
-                kr[m] = i < valid ? load(k, off) : 0.f;
-                qr[m] = i < valid ? load(q, off) : 0.f;
-            }
-#pragma unroll
-            for (int m = 0; m < kVPerThread; ++m) {
-                const int i = m * (kChThreads / kCols) + tid / kCols, c = tid % kCols;
-                vr[m] = i < valid ? load(v, ((int64_t)b * seq + t0 + i) * v_stride + (int64_t)h * Dv + col0 + c) : 0.f;
-            }
-#pragma unroll
-            for (int m = 0; m < kPerThread; ++m) {
-                const int i = m * (kChThreads / kDk) + tid / kDk;
-                sm.kT[d][i] = kr[m];
-                sm.qT[d][i] = qr[m] * scale;
-            }
-#pragma unroll
-            for (int m = 0; m < kVPerThread; ++m) sm.D[m * (kChThreads / kCols) + tid / kCols][tid % kCols] = vr[m];
-        }
-        if (warp == 0) {
-            // inclusive scan of g over the chunk: two tokens per lane
-            const int i0 = 2 * lane, i1 = 2 * lane + 1;
-            const int64_t gi = ((int64_t)b * seq + t0) * num_v_heads + h;
-            const float g0 = i0 < valid ? load(decay, gi + (int64_t)i0 * num_v_heads) : 0.f;
-            const float g1 = i1 < valid ? load(decay, gi + (int64_t)i1 * num_v_heads) : 0.f;
-            float run = g0 + g1;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const float up = __shfl_up_sync(0xffffffffu, run, o);
-                if (lane >= o) run += up;
-            }
-            const float before = run - g0 - g1;
-            sm.G[i0] = before + g0;
-            sm.G[i1] = run;
-            sm.eG[i0] = expf(before + g0);
-            sm.eG[i1] = expf(run);
-            sm.bt[i0] = i0 < valid ? load(beta, gi + (int64_t)i0 * num_v_heads) : 0.f;
-            sm.bt[i1] = i1 < valid ? load(beta, gi + (int64_t)i1 * num_v_heads) : 0.f;
-        }
-        __syncthreads();
+        // ---- a. load the chunk (thread = one key dimension, every second token)
+        load_chunk<true>(sm, q, k, v, decay, beta, cb, seq, t0, valid, scale,
+                         [&](int m) { return m * (kChThreads / kDk) + tid / kDk; }, [&](int) { return tid % kDk; });
 
         // ---- b. L (4x4 tile per thread), then rhs and QS (2 rows x 4 columns per thread)
         {
@@ -413,12 +452,12 @@ __global__ void __launch_bounds__(kChThreads) chunk_kernel(
                 }
             }
             if (i0 < valid) {
-                T* dst = out + ((int64_t)b * seq + t0 + i0) * v_stride + (int64_t)h * Dv + col0 + tc * 4;
+                T* dst = out + cb.v_off(seq, t0, i0) + tc * 4;
 #pragma unroll
                 for (int c = 0; c < 4; ++c) store(dst, c, o0[c]);
             }
             if (i1 < valid) {
-                T* dst = out + ((int64_t)b * seq + t0 + i1) * v_stride + (int64_t)h * Dv + col0 + tc * 4;
+                T* dst = out + cb.v_off(seq, t0, i1) + tc * 4;
 #pragma unroll
                 for (int c = 0; c < 4; ++c) store(dst, c, o1[c]);
             }
@@ -453,10 +492,7 @@ __global__ void __launch_bounds__(kChThreads) chunk_kernel(
         __syncthreads();
     }
 
-    for (int idx = tid; idx < kDk * kCols; idx += kChThreads) {
-        const int d = idx / kCols, c = idx % kCols;
-        present_state[state_base + (int64_t)d * Dv + c] = sm.S[d][c];
-    }
+    store_state(sm, present_state, cb);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -524,76 +560,19 @@ __global__ void __launch_bounds__(kChThreads) chunk_tc_kernel(
     ChunkTcSmem& sm = *reinterpret_cast<ChunkTcSmem*>(smem_raw);
     constexpr bool kExact = std::is_same<T, __nv_bfloat16>::value;  // bf16 values are tf32 values
 
-    const int Dv = head_v_dim;
-    const int slices = Dv / kCols;
-    const int slice = blockIdx.x % slices;
-    const int bh = blockIdx.x / slices;
-    const int h = bh % num_v_heads, b = bh / num_v_heads;
-    const int kh = h / (num_v_heads / num_k_heads);
+    const ChunkBlock cb(num_k_heads, num_v_heads, head_v_dim);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int col0 = slice * kCols;
-    const int64_t state_base = (int64_t)bh * kDk * Dv + col0;
+    load_state(sm, past_state, cb);
 
-    for (int idx = tid; idx < kDk * kCols; idx += kChThreads) {
-        const int d = idx / kCols, c = idx % kCols;
-        sm.S[d][c] = past_state ? past_state[state_base + (int64_t)d * Dv + c] : 0.f;
-    }
-
-    const int64_t qk_stride = (int64_t)num_k_heads * kDk;
-    const int64_t v_stride = (int64_t)num_v_heads * Dv;
     const int chunks = (seq + kChunk - 1) / kChunk;
     for (int n = 0; n < chunks; ++n) {
         const int t0 = n * kChunk;
         const int valid = min(kChunk, seq - t0);
-        // ---- a. load (as chunk_kernel; q unscaled)
-        {
-            constexpr int kPerThread = kChunk * kDk / kChThreads;
-            constexpr int kVPerThread = kChunk * kCols / kChThreads;
-            float kr[kPerThread], qr[kPerThread], vr[kVPerThread];
-            // a warp instruction covers 8 tokens x 4 columns: its transposed stores kT[d][i] land in
-            // 32 distinct banks (row stride 8 mod 32)
-            auto tok = [&](int m) { return ((m * (kChThreads / 32) + warp) % 8) * 8 + lane % 8; };
-            auto dim = [&](int m) { return ((m * (kChThreads / 32) + warp) / 8) * 4 + lane / 8; };
-#pragma unroll
-            for (int m = 0; m < kPerThread; ++m) {
-                const int i = tok(m), d = dim(m);
-                const int64_t off = ((int64_t)b * seq + t0 + i) * qk_stride + (int64_t)kh * kDk + d;
-                kr[m] = i < valid ? load(k, off) : 0.f;
-                qr[m] = i < valid ? load(q, off) : 0.f;
-            }
-#pragma unroll
-            for (int m = 0; m < kVPerThread; ++m) {
-                const int i = m * (kChThreads / kCols) + tid / kCols, c = tid % kCols;
-                vr[m] = i < valid ? load(v, ((int64_t)b * seq + t0 + i) * v_stride + (int64_t)h * Dv + col0 + c) : 0.f;
-            }
-#pragma unroll
-            for (int m = 0; m < kPerThread; ++m) {
-                sm.kT[dim(m)][tok(m)] = kr[m];
-                sm.qT[dim(m)][tok(m)] = qr[m];
-            }
-#pragma unroll
-            for (int m = 0; m < kVPerThread; ++m) sm.D[m * (kChThreads / kCols) + tid / kCols][tid % kCols] = vr[m];
-        }
-        if (warp == 0) {
-            const int i0 = 2 * lane, i1 = 2 * lane + 1;
-            const int64_t gi = ((int64_t)b * seq + t0) * num_v_heads + h;
-            const float g0 = i0 < valid ? load(decay, gi + (int64_t)i0 * num_v_heads) : 0.f;
-            const float g1 = i1 < valid ? load(decay, gi + (int64_t)i1 * num_v_heads) : 0.f;
-            float run = g0 + g1;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const float up = __shfl_up_sync(0xffffffffu, run, o);
-                if (lane >= o) run += up;
-            }
-            const float before = run - g0 - g1;
-            sm.G[i0] = before + g0;
-            sm.G[i1] = run;
-            sm.eG[i0] = expf(before + g0);
-            sm.eG[i1] = expf(run);
-            sm.bt[i0] = i0 < valid ? load(beta, gi + (int64_t)i0 * num_v_heads) : 0.f;
-            sm.bt[i1] = i1 < valid ? load(beta, gi + (int64_t)i1 * num_v_heads) : 0.f;
-        }
-        __syncthreads();
+        // ---- a. load (q unscaled). A warp instruction covers 8 tokens x 4 key dimensions: its
+        //      transposed stores kT[d][i] land in 32 distinct banks (row stride 8 mod 32).
+        load_chunk<false>(sm, q, k, v, decay, beta, cb, seq, t0, valid, scale,
+                          [&](int m) { return ((m * (kChThreads / 32) + warp) % 8) * 8 + lane % 8; },
+                          [&](int m) { return ((m * (kChThreads / 32) + warp) / 8) * 4 + lane / 8; });
 
         // ---- b. products: jobs 0-9 L (lower 16x16 tiles), 10-19 P, 20-27 K S, 28-35 Q S
         for (int job = warp; job < 36; job += kChThreads / 32) {
@@ -727,15 +706,12 @@ __global__ void __launch_bounds__(kChThreads) chunk_tc_kernel(
         __syncthreads();
         for (int idx = tid; idx < kChunk * kCols; idx += kChThreads) {
             const int i = idx / kCols, c = idx % kCols;
-            if (i < valid) store(out, ((int64_t)b * seq + t0 + i) * v_stride + (int64_t)h * Dv + col0 + c, sm.QS[i][c]);
+            if (i < valid) store(out, cb.v_off(seq, t0, i) + c, sm.QS[i][c]);
         }
         // The next chunk's loads write kT, qT, D, G only: the outputs read above are not among them.
     }
     __syncthreads();
-    for (int idx = tid; idx < kDk * kCols; idx += kChThreads) {
-        const int d = idx / kCols, c = idx % kCols;
-        present_state[state_base + (int64_t)d * Dv + c] = sm.S[d][c];
-    }
+    store_state(sm, present_state, cb);
 }
 
 // ------------------------------------------------------------------------------------------------

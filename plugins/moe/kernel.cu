@@ -17,6 +17,7 @@
 
 #include "../common.cuh"
 #include "fast.cuh"
+#include "prefill.cuh"
 
 namespace {
 
@@ -36,19 +37,31 @@ struct Workspace {
     int* experts;    // [N, k]
     float* weights;  // [N, k]
     float* act;      // [N, k, I]
+    q3n_moe_prefill::Workspace prefill;  // counts, tiles, permutation, per-pair fc2 outputs [N, k, H]
 };
 
-size_t workspace_bytes_for(int tokens, int top_k, int inter, Workspace* ws, void* base) {
+// One layout for every path (the TensorRT binding sizes it once per profile); the prefill part comes
+// last, so the first three regions sit where they always did.
+size_t workspace_bytes_for(int tokens, int experts, int top_k, int hidden, int inter, Workspace* ws, void* base) {
     const size_t pairs = (size_t)tokens * top_k;
     const size_t ids = align_up(pairs * sizeof(int)), wts = align_up(pairs * sizeof(float));
     const size_t act = align_up(pairs * inter * sizeof(float));
+    const size_t counts = align_up((size_t)experts * sizeof(int)), starts = align_up(((size_t)experts + 1) * sizeof(int));
+    const size_t y = align_up(pairs * hidden * sizeof(float));
     if (ws) {
         char* p = static_cast<char*>(base);
         ws->experts = reinterpret_cast<int*>(p);
         ws->weights = reinterpret_cast<float*>(p + ids);
         ws->act = reinterpret_cast<float*>(p + ids + wts);
+        p += ids + wts + act;
+        ws->prefill.counts = reinterpret_cast<int*>(p);
+        ws->prefill.tile_start = reinterpret_cast<int*>(p + counts);
+        ws->prefill.offsets = reinterpret_cast<int*>(p + counts + starts);
+        ws->prefill.perm = reinterpret_cast<int*>(p + counts + 2 * starts);
+        ws->prefill.pos = reinterpret_cast<int*>(p + counts + 2 * starts + ids);
+        ws->prefill.y = reinterpret_cast<float*>(p + counts + 2 * starts + 2 * ids);
     }
-    return ids + wts + act;
+    return ids + wts + act + counts + 2 * starts + 2 * ids + y;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -233,7 +246,7 @@ int check_moe_args(const void* x, const void* router_logits, const void* fc1, co
         return Q3N_ERR_UNSUPPORTED;
     if (tokens == 0) return Q3N_OK;
     if (!x || !router_logits || !fc1 || !fc2 || !out) return Q3N_ERR_NULL_POINTER;
-    if (!workspace || !q3n::aligned(workspace, 16) || workspace_bytes < workspace_bytes_for(tokens, top_k, inter, nullptr, nullptr))
+    if (!workspace || !q3n::aligned(workspace, 16) || workspace_bytes < workspace_bytes_for(tokens, experts, top_k, hidden, inter, nullptr, nullptr))
         return Q3N_ERR_WORKSPACE;
     return Q3N_OK;
 }
@@ -243,7 +256,7 @@ int launch_moe(const void* x, const void* router_logits, W1 fc1, const void* fc1
                void* out, int tokens, int hidden, int inter, int experts, int top_k, int normalize, void* workspace,
                cudaStream_t stream) {
     Workspace ws;
-    workspace_bytes_for(tokens, top_k, inter, &ws, workspace);
+    workspace_bytes_for(tokens, experts, top_k, hidden, inter, &ws, workspace);
     route_kernel<T><<<tokens, kRouterThreads, experts * sizeof(float), stream>>>(
         static_cast<const T*>(router_logits), experts, top_k, normalize, ws.experts, ws.weights);
     const dim3 block(32 * kWarpsPerBlock);
@@ -282,8 +295,8 @@ int launch_fp8(const void* x, const void* router_logits, const unsigned char* fc
 
 // Bytes of workspace q3n_moe / q3n_moe_fp8 need (0 for invalid sizes, which those calls then reject).
 Q3N_API size_t q3n_moe_workspace_size(int tokens, int experts, int top_k, int hidden, int inter) {
-    if (tokens < 0 || experts <= 0 || top_k <= 0 || top_k > experts || hidden <= 0 || inter <= 0) return 0;
-    return workspace_bytes_for(tokens, top_k, inter, nullptr, nullptr);
+    if (tokens <= 0 || experts <= 0 || top_k <= 0 || top_k > experts || hidden <= 0 || inter <= 0) return 0;
+    return workspace_bytes_for(tokens, experts, top_k, hidden, inter, nullptr, nullptr);
 }
 
 // Returns 0, a cudaError_t value, or a negative Q3N_ERR_* code (common.cuh).
@@ -297,23 +310,28 @@ Q3N_API int q3n_moe(const void* x, const void* router_logits, const void* fc1, c
                        experts, top_k, normalize, workspace, stream);
 }
 
+enum MoeImpl : int {
+    Q3N_MOE_AUTO = 0,    // prefill for many tokens, else the fast path when it fits, else the simple one
+    Q3N_MOE_SIMPLE = 1,  // the GEMV kernels above: any shape, the oracle
+    Q3N_MOE_FAST = 2,    // fast.cuh: H, I multiples of 16, k <= 16, E <= 1024, 16-byte aligned x/fc1/fc2
+    Q3N_MOE_PREFILL = 3,  // prefill.cuh: FAST's limits and H, I multiples of 128; auto from 4 pairs per expert
+};
+
+// The fast.cuh (decode) or prefill.cuh path, on kernel.cu's workspace layout.
 template <typename T>
-int launch_fp8_fast(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
-                    const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden, int inter,
-                    int experts, int top_k, int normalize, void* workspace, cudaStream_t stream) {
+int launch_fp8_tuned(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
+                     const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden, int inter,
+                     int experts, int top_k, int normalize, void* workspace, int impl, cudaStream_t stream) {
     Workspace ws;
-    workspace_bytes_for(tokens, top_k, inter, &ws, workspace);
+    workspace_bytes_for(tokens, experts, top_k, hidden, inter, &ws, workspace);
+    if (impl == Q3N_MOE_PREFILL)
+        return q3n_moe_prefill::launch<T>(x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden, inter,
+                                          experts, top_k, normalize, ws.experts, ws.weights, ws.act, ws.prefill, stream);
     return q3n_moe_fast::launch<T>(x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden, inter, experts, top_k,
                                    normalize, ws.experts, ws.weights, ws.act, stream);
 }
 
-enum MoeImpl : int {
-    Q3N_MOE_AUTO = 0,    // the fast path when it fits, else the simple one
-    Q3N_MOE_SIMPLE = 1,  // the GEMV kernels above: any shape, the oracle
-    Q3N_MOE_FAST = 2,    // fast.cuh: H, I multiples of 16, k <= 16, E <= 1024, 16-byte aligned x/fc1/fc2
-};
-
-// Same workspace for both paths (q3n_moe_workspace_size). Q3N_ERR_UNSUPPORTED when the requested
+// Same workspace for all paths (q3n_moe_workspace_size). Q3N_ERR_UNSUPPORTED when the requested
 // implementation does not fit.
 Q3N_API int q3n_moe_fp8_impl(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
                              const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden,
@@ -322,15 +340,19 @@ Q3N_API int q3n_moe_fp8_impl(const void* x, const void* router_logits, const uns
     const int status = check_moe_args(x, router_logits, fc1, fc2, out, tokens, hidden, inter, experts, top_k, dtype,
                                       workspace, workspace_bytes);
     if (status != Q3N_OK) return status;
-    if (impl < Q3N_MOE_AUTO || impl > Q3N_MOE_FAST) return Q3N_ERR_BAD_ATTRIBUTE;
+    if (impl < Q3N_MOE_AUTO || impl > Q3N_MOE_PREFILL) return Q3N_ERR_BAD_ATTRIBUTE;
     if (tokens == 0) return Q3N_OK;
     if (!scale1 || !scale2) return Q3N_ERR_NULL_POINTER;
     const bool fast_fits = q3n_moe_fast::shapes_fit(x, fc1, fc2, tokens, hidden, inter, experts, top_k);
-    if (impl == Q3N_MOE_AUTO) impl = fast_fits ? Q3N_MOE_FAST : Q3N_MOE_SIMPLE;
-    if (impl == Q3N_MOE_FAST) {
-        if (!fast_fits) return Q3N_ERR_UNSUPPORTED;
-        Q3N_DISPATCH_DTYPE(dtype, launch_fp8_fast, x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden,
-                           inter, experts, top_k, normalize, workspace, stream);
+    const bool prefill_fits = q3n_moe_prefill::shapes_fit(x, fc1, fc2, tokens, hidden, inter, experts, top_k);
+    if (impl == Q3N_MOE_AUTO)
+        impl = prefill_fits && q3n_moe_prefill::worth_it(tokens, top_k, experts) ? Q3N_MOE_PREFILL
+               : fast_fits                                                      ? Q3N_MOE_FAST
+                                                                                : Q3N_MOE_SIMPLE;
+    if (impl == Q3N_MOE_FAST || impl == Q3N_MOE_PREFILL) {
+        if (!(impl == Q3N_MOE_FAST ? fast_fits : prefill_fits)) return Q3N_ERR_UNSUPPORTED;
+        Q3N_DISPATCH_DTYPE(dtype, launch_fp8_tuned, x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden,
+                           inter, experts, top_k, normalize, workspace, impl, stream);
     }
     Q3N_DISPATCH_DTYPE(dtype, launch_fp8, x, router_logits, fc1, scale1, fc2, scale2, out, tokens, hidden, inter,
                        experts, top_k, normalize, workspace, stream);
