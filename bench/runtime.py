@@ -5,7 +5,7 @@
     python bench/runtime.py --onnx out/tiny-trained-onnx [--engines DIR] [--out bench/results/runtime-cpu.json]
 
 Prompts are held-out Python stdlib text (every tenth file, as bench/train_tiny.py holds out), bytes
-as tokens. Rows: batch 1 and 8, MTP k = 0 (plain greedy) .. 4, each after a warm-up run; ratios are
+as tokens. Rows: batch 1 and 8, MTP k = 0 (plain greedy) .. 4, each after its own warm-up run, medians of 5 runs; ratios are
 against k = 0 of the same batch in the same run, and every row's tokens are checked against k = 0
 (speculation must not change a token). `--engines` runs TensorRT engines where they run (a GPU that
 the TensorRT in use supports); ONNX Runtime on the CPU otherwise.
@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--max-k", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per row (medians reported)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -60,20 +62,25 @@ def main() -> int:
     rows, table = [], []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = held_out_prompts(batch, args.prompt)
-        gen.generate(prompts, 4)  # warm-up: sessions, allocations
         base = None
         for k in range(0, args.max_k + 1):
-            tokens = gen.generate(prompts, args.tokens, mtp_k=k)
-            st = gen.last_stats
-            tps = st.generated_tokens / st.total_s
+            gen.generate(prompts, 4, mtp_k=k)  # warm-up: first runs of each graph at these shapes, allocations
+            runs = []
+            for _ in range(args.repeats):  # this machine's timings vary run to run: medians
+                tokens = gen.generate(prompts, args.tokens, mtp_k=k)
+                st = gen.last_stats
+                runs.append((st.generated_tokens / st.total_s, st.time_to_first_token_s * 1e3, tokens))
+            tps = statistics.median(r[0] for r in runs)
+            ttft = statistics.median(r[1] for r in runs)
             if base is None:
                 base = {"tokens": tokens, "tps": tps}
-            row = {"batch": batch, "mtp_k": k, "tokens_per_s": tps, "time_to_first_token_ms": st.time_to_first_token_s * 1e3,
+            row = {"batch": batch, "mtp_k": k, "tokens_per_s": tps, "time_to_first_token_ms": ttft,
+                   "runs_tokens_per_s": [r[0] for r in runs],
                    "speedup_vs_k0": tps / base["tps"], "tokens_per_main_pass": st.tokens_per_main_pass,
                    "acceptance_per_position": st.acceptance, "main_passes": st.main_passes,
-                   "identical_to_k0": tokens == base["tokens"], **{"stats": st.as_dict()}}
+                   "identical_to_k0": all(r[2] == base["tokens"] for r in runs), "stats": st.as_dict()}
             rows.append(row)
-            table.append([str(batch), str(k), f"{tps:.1f}", f"{row['speedup_vs_k0']:.2f}x", f"{row['time_to_first_token_ms']:.0f}",
+            table.append([str(batch), str(k), f"{tps:.1f}", f"{row['speedup_vs_k0']:.2f}x", f"{ttft:.0f}",
                           f"{st.tokens_per_main_pass:.2f}", " ".join(f"{a:.0%}" for a in st.acceptance) or "-",
                           "yes" if row["identical_to_k0"] else "NO"])
             print(f"[bench] batch {batch} k={k}: {tps:.1f} tokens/s", flush=True)
