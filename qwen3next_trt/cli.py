@@ -182,11 +182,16 @@ def cmd_generate(args) -> int:
 
     from qwen3next_trt.runtime import Generator, SamplingParams
 
+    from qwen3next_trt.runtime.text import Tokenizer
+
+    if args.prompt and not args.model:
+        raise InputError("--prompt needs --model DIR (a checkpoint with tokenizer.json); else give --prompt-ids or --prompt-bytes")
+    tokenizer = Tokenizer(args.model) if args.model else None
     prompts = [_token_ids(p, "--prompt-ids") for p in args.prompt_ids]
-    if args.prompt_text is not None:
-        prompts.append(list(args.prompt_text.encode()))  # byte tokens: what the tiny training uses
+    prompts += [tokenizer.encode(p) for p in args.prompt]
+    prompts += [list(p.encode()) for p in args.prompt_bytes]  # byte tokens: what the tiny training uses
     if not prompts:
-        raise InputError("give at least one --prompt-ids (or --prompt-text)")
+        raise InputError("give at least one --prompt (with --model), --prompt-ids or --prompt-bytes")
     gen = Generator(args.onnx, engines_dir=args.engines, threads=args.threads, prefill_chunk=args.prefill_chunk)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     stop = _token_ids(args.stop, "--stop") if args.stop else []
@@ -200,7 +205,8 @@ def cmd_generate(args) -> int:
             print(f"[{ev.request}] {ev.token}{' (end)' if ev.finished else ''}", flush=True)
     st = gen.last_stats
     for r, toks in enumerate(out):
-        text = f"  {bytes(t for t in toks if t < 256).decode(errors='replace')!r}" if args.prompt_text is not None else ""
+        text = (f"  {tokenizer.decode(toks)!r}" if tokenizer else
+                f"  {bytes(t for t in toks if t < 256).decode(errors='replace')!r}" if args.prompt_bytes else "")
         print(f"request {r}: {','.join(map(str, toks))}{text}")
     acc = ", ".join(f"{a:.0%}" for a in st.acceptance)
     print(f"[generate] {st.generated_tokens} tokens in {time.perf_counter() - t0:.2f} s ({st.generated_tokens / max(st.total_s, 1e-9):.1f} tokens/s), "
@@ -295,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate tokens through the exported graphs (runtime/): batching, sampling, streaming, MTP")
     s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
     s.add_argument("--engines", help="run TensorRT engines from this directory instead of ONNX Runtime")
+    s.add_argument("--model", help="checkpoint directory whose tokenizer.json encodes --prompt and decodes the output")
+    s.add_argument("--prompt", action="append", default=[], help="a text prompt (needs --model with tokenizer.json); repeatable")
     s.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids; repeat for a batch")
-    s.add_argument("--prompt-text", help="a prompt as UTF-8 bytes (token = byte, as in bench/train_tiny.py)")
+    s.add_argument("--prompt-bytes", action="append", default=[], help="a prompt as UTF-8 bytes (token = byte, as in bench/train_tiny.py)")
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)

@@ -184,3 +184,23 @@ def test_cli_generate(tiny_export, prompts, expected, capsys, tmp_path):
     assert f"request 0: {','.join(map(str, expected[0]))}" in text and "tokens per main pass" in text
     assert main(["generate", "--onnx", str(tiny_export), "--prompt-ids", "1,x"]) == 2
     assert "expected comma-separated token ids" in capsys.readouterr().err
+
+
+def test_cli_generate_with_the_checkpoints_tokenizer(tiny_export, gen, capsys, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"w{i}": i for i in range(gen.vocab_size)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    (tmp_path / "ckpt").mkdir()
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    prompt = "w5 w17 w300 w2"
+    expected = gen.generate([[5, 17, 300, 2]], 6)[0]
+    assert main(["generate", "--onnx", str(tiny_export), "--model", str(tmp_path / "ckpt"), "--prompt", prompt,
+                 "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert f"request 0: {','.join(map(str, expected))}  {tok.decode(expected)!r}" in out
+    assert main(["generate", "--onnx", str(tiny_export), "--prompt", prompt]) == 2
+    assert "--prompt needs --model" in capsys.readouterr().err
+    assert main(["generate", "--onnx", str(tiny_export), "--model", str(tmp_path), "--prompt", prompt]) == 2
+    assert "tokenizer.json: not found" in capsys.readouterr().err
