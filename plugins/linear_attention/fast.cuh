@@ -204,6 +204,22 @@ struct ChunkSmem {
     float bt[kChunk];
 };
 
+// acc[r][c] += sum over d of At[d][ti*4 + r] * Bt[d][tj*4 + c]: a 4x4 tile of A B^T from transposed
+// (dimension-major) chunk operands, d in ascending order (both callers relied on that order).
+__device__ __forceinline__ void tile_dot_4x4(const float (*At)[kKT], const float (*Bt)[kKT], int ti, int tj,
+                                             float acc[4][4]) {
+#pragma unroll 4
+    for (int d = 0; d < kDk; ++d) {
+        const float4 ai = *reinterpret_cast<const float4*>(&At[d][ti * 4]);
+        const float4 bj4 = *reinterpret_cast<const float4*>(&Bt[d][tj * 4]);
+        const float a[4] = {ai.x, ai.y, ai.z, ai.w}, bj[4] = {bj4.x, bj4.y, bj4.z, bj4.w};
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[r][c] += a[r] * bj[c];
+    }
+}
+
 constexpr size_t kChunkSmemBytes = sizeof(ChunkSmem);
 
 // Where a prefill block works: (batch, value head, 32-column slice of the state); both chunk kernels.
@@ -329,16 +345,7 @@ __global__ void __launch_bounds__(kChThreads) chunk_kernel(
         {
             const int ti = tid / 16, tj = tid % 16;
             float kk[4][4] = {};
-#pragma unroll 4
-            for (int d = 0; d < kDk; ++d) {
-                const float4 ki = *reinterpret_cast<const float4*>(&sm.kT[d][ti * 4]);
-                const float4 kj = *reinterpret_cast<const float4*>(&sm.kT[d][tj * 4]);
-                const float a[4] = {ki.x, ki.y, ki.z, ki.w}, bj[4] = {kj.x, kj.y, kj.z, kj.w};
-#pragma unroll
-                for (int r = 0; r < 4; ++r)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) kk[r][c] += a[r] * bj[c];
-            }
+            tile_dot_4x4(sm.kT, sm.kT, ti, tj, kk);
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
                 const int i = ti * 4 + r;
@@ -408,16 +415,7 @@ __global__ void __launch_bounds__(kChThreads) chunk_kernel(
                     continue;
                 }
                 float qk[4][4] = {};
-#pragma unroll 4
-                for (int d = 0; d < kDk; ++d) {
-                    const float4 qi = *reinterpret_cast<const float4*>(&sm.qT[d][ti * 4]);
-                    const float4 kj = *reinterpret_cast<const float4*>(&sm.kT[d][tj * 4]);
-                    const float a[4] = {qi.x, qi.y, qi.z, qi.w}, bj[4] = {kj.x, kj.y, kj.z, kj.w};
-#pragma unroll
-                    for (int r = 0; r < 4; ++r)
-#pragma unroll
-                        for (int c = 0; c < 4; ++c) qk[r][c] += a[r] * bj[c];
-                }
+                tile_dot_4x4(sm.qT, sm.kT, ti, tj, qk);
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
                     const int i = ti * 4 + r;
@@ -551,6 +549,20 @@ __device__ __forceinline__ void mma3(FragC& acc, const FA& a, const FB& b) {
     wmma::mma_sync(acc, ah, bh, acc);
 }
 
+// acc += A B over kK = k-steps of 8, both operands in shared memory: a_at(k0) / b_at(k0) address the
+// fragments of step k0 (leading dimensions lda / ldb). One loop for every product of the chunk.
+template <class FragA, bool kAExact, bool kBExact, int kK, int kUnroll, class AAt, class BAt>
+__device__ __forceinline__ void mma_k(FragC& acc, AAt a_at, unsigned lda, BAt b_at, unsigned ldb) {
+#pragma unroll kUnroll
+    for (int k0 = 0; k0 < kK; k0 += 8) {
+        FragA a;
+        FragBR bb;
+        wmma::load_matrix_sync(a, a_at(k0), lda);
+        wmma::load_matrix_sync(bb, b_at(k0), ldb);
+        mma3<kAExact, kBExact>(acc, a, bb);
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kChThreads) chunk_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* past_state,
@@ -583,27 +595,15 @@ __global__ void __launch_bounds__(kChThreads) chunk_tc_kernel(
                 while (t > ti) t -= ++ti;  // t-th lower tile in row order: (ti, tj = t)
                 const int tj = t;
                 const float* A = job < 10 ? &sm.kT[0][0] : &sm.qT[0][0];
-#pragma unroll 4
-                for (int k0 = 0; k0 < kDk; k0 += 8) {
-                    FragAC a;
-                    FragBR bb;
-                    wmma::load_matrix_sync(a, A + k0 * kTcLd + ti * 16, kTcLd);
-                    wmma::load_matrix_sync(bb, &sm.kT[k0][tj * 16], kTcLd);
-                    mma3<kExact, kExact>(acc, a, bb);
-                }
+                mma_k<FragAC, kExact, kExact, kDk, 4>(
+                    acc, [&](int k0) { return A + k0 * kTcLd + ti * 16; }, kTcLd, [&](int k0) { return &sm.kT[k0][tj * 16]; }, kTcLd);
                 wmma::store_matrix_sync(job < 10 ? &sm.L[ti * 16][tj * 16] : &sm.P[ti * 16][tj * 16], acc, kTcLd,
                                         wmma::mem_row_major);
             } else {
                 const int t = (job - 20) % 8, ti = t / 2, tc = t % 2;
                 const float* A = job < 28 ? &sm.kT[0][0] : &sm.qT[0][0];
-#pragma unroll 4
-                for (int k0 = 0; k0 < kDk; k0 += 8) {
-                    FragAC a;
-                    FragBR bb;
-                    wmma::load_matrix_sync(a, A + k0 * kTcLd + ti * 16, kTcLd);
-                    wmma::load_matrix_sync(bb, &sm.S[k0][tc * 16], kTcCols);
-                    mma3<kExact, false>(acc, a, bb);
-                }
+                mma_k<FragAC, kExact, false, kDk, 4>(
+                    acc, [&](int k0) { return A + k0 * kTcLd + ti * 16; }, kTcLd, [&](int k0) { return &sm.S[k0][tc * 16]; }, kTcCols);
                 wmma::store_matrix_sync(job < 28 ? &sm.KS[ti * 16][tc * 16] : &sm.QS[ti * 16][tc * 16], acc, kTcCols,
                                         wmma::mem_row_major);
             }
@@ -678,28 +678,16 @@ __global__ void __launch_bounds__(kChThreads) chunk_tc_kernel(
             if (job < 8) {
                 const int ti = job / 2, tc = job % 2;
                 wmma::load_matrix_sync(acc, &sm.QS[ti * 16][tc * 16], kTcCols, wmma::mem_row_major);
-#pragma unroll
-                for (int k0 = 0; k0 < kChunk; k0 += 8) {
-                    FragAR a;
-                    FragBR bb;
-                    wmma::load_matrix_sync(a, &sm.P[ti * 16][k0], kTcLd);
-                    wmma::load_matrix_sync(bb, &sm.D[k0][tc * 16], kTcCols);
-                    mma3<false, false>(acc, a, bb);
-                }
+                mma_k<FragAR, false, false, kChunk, kChunk / 8>(
+                    acc, [&](int k0) { return &sm.P[ti * 16][k0]; }, kTcLd, [&](int k0) { return &sm.D[k0][tc * 16]; }, kTcCols);
                 wmma::store_matrix_sync(&sm.QS[ti * 16][tc * 16], acc, kTcCols, wmma::mem_row_major);
             } else {
                 const int td = (job - 8) / 2, tc = (job - 8) % 2;
                 wmma::load_matrix_sync(acc, &sm.S[td * 16][tc * 16], kTcCols, wmma::mem_row_major);
 #pragma unroll
                 for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= e_last;
-#pragma unroll
-                for (int k0 = 0; k0 < kChunk; k0 += 8) {
-                    FragAR a;
-                    FragBR bb;
-                    wmma::load_matrix_sync(a, &sm.kT[td * 16][k0], kTcLd);
-                    wmma::load_matrix_sync(bb, &sm.KS[k0][tc * 16], kTcCols);
-                    mma3<kExact, false>(acc, a, bb);
-                }
+                mma_k<FragAR, kExact, false, kChunk, kChunk / 8>(
+                    acc, [&](int k0) { return &sm.kT[td * 16][k0]; }, kTcLd, [&](int k0) { return &sm.KS[k0][tc * 16]; }, kTcCols);
                 wmma::store_matrix_sync(&sm.S[td * 16][tc * 16], acc, kTcCols, wmma::mem_row_major);
             }
         }
@@ -735,18 +723,18 @@ int launch_decode(const void* q, const void* k, const void* v, const float* past
     return q3n::launch_status();
 }
 
-template <typename T>
-int launch_chunk_tc(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
-                    const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
-                    int num_v_heads, int head_v_dim, float scale, cudaStream_t stream) {
-    cudaError_t err = cudaFuncSetAttribute(chunk_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)kChunkTcSmemBytes);
+// The two chunked kernels share their arguments and grid and differ only in shared memory.
+template <typename T, typename Kernel>
+int launch_chunked(Kernel kernel, size_t smem_bytes, const void* q, const void* k, const void* v, const float* past_state,
+                   const void* decay, const void* beta, void* out, float* present_state, int batch, int seq,
+                   int num_k_heads, int num_v_heads, int head_v_dim, float scale, cudaStream_t stream) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes);
     if (err != cudaSuccess) {
         cudaGetLastError();
         return static_cast<int>(err);
     }
     const int blocks = batch * num_v_heads * (head_v_dim / kCols);
-    chunk_tc_kernel<T><<<blocks, kChThreads, kChunkTcSmemBytes, stream>>>(
+    kernel<<<blocks, kChThreads, smem_bytes, stream>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), past_state,
         static_cast<const T*>(decay), static_cast<const T*>(beta), static_cast<T*>(out), present_state, seq,
         num_k_heads, num_v_heads, head_v_dim, scale);
@@ -754,21 +742,19 @@ int launch_chunk_tc(const void* q, const void* k, const void* v, const float* pa
 }
 
 template <typename T>
+int launch_chunk_tc(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
+                    const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
+                    int num_v_heads, int head_v_dim, float scale, cudaStream_t stream) {
+    return launch_chunked<T>(chunk_tc_kernel<T>, kChunkTcSmemBytes, q, k, v, past_state, decay, beta, out, present_state,
+                             batch, seq, num_k_heads, num_v_heads, head_v_dim, scale, stream);
+}
+
+template <typename T>
 int launch_chunk(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
                  const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
                  int num_v_heads, int head_v_dim, float scale, cudaStream_t stream) {
-    cudaError_t err = cudaFuncSetAttribute(chunk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)kChunkSmemBytes);
-    if (err != cudaSuccess) {
-        cudaGetLastError();
-        return static_cast<int>(err);
-    }
-    const int blocks = batch * num_v_heads * (head_v_dim / kCols);
-    chunk_kernel<T><<<blocks, kChThreads, kChunkSmemBytes, stream>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), past_state,
-        static_cast<const T*>(decay), static_cast<const T*>(beta), static_cast<T*>(out), present_state, seq,
-        num_k_heads, num_v_heads, head_v_dim, scale);
-    return q3n::launch_status();
+    return launch_chunked<T>(chunk_kernel<T>, kChunkSmemBytes, q, k, v, past_state, decay, beta, out, present_state,
+                             batch, seq, num_k_heads, num_v_heads, head_v_dim, scale, stream);
 }
 
 }  // namespace q3n_gdn
