@@ -230,7 +230,7 @@ def test_dynamic_per_token_scales_are_computed_in_the_graph(fp8_dynamic_export):
 
 
 def test_dynamic_per_token_quantisation_matches_its_definition():
-    # oracle: float64 loop over tokens, E4M3 rounding via ml_dtypes (independent of torch's float8)
+    # oracle: a numpy loop over tokens, E4M3 rounding via ml_dtypes (independent of torch's float8)
     import ml_dtypes
 
     from qwen3next_trt.model.fp8 import fake_quantize_activation_per_token
