@@ -155,11 +155,11 @@ def _name_sum_dims(path: Path, ports: list[G.Port], mode: str):
     sums = {p.name: [(i, d) for i, d in enumerate(p.shape) if isinstance(d, str) and "+" in d] for p in ports}
     if not any(sums.values()):
         return
-    fixed = {"seq": EXAMPLE_SIZES["seq"]} if mode == "prefill" else {"seq": 1}
     model = onnx.load(str(path), load_external_data=False)
     for value in model.graph.input:
         for i, d in sums.get(value.name, []):
-            name = " + ".join(part if part != "seq" or mode == "prefill" else str(fixed["seq"]) for part in d.split("+"))
+            # a decode graph's seq is the constant 1
+            name = " + ".join("1" if part == "seq" and mode == "decode" else part for part in d.split("+"))
             value.type.tensor_type.shape.dim[i].dim_param = name
     onnx.save(model, str(path))
 

@@ -38,12 +38,6 @@ class OrtSession:
         self.has_fp8 = bool(self.fp8_inputs) or any(o.type == FLOAT8 for o in self.session.get_outputs())
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def get_inputs(self):
-        return self.session.get_inputs()
-
-    def get_outputs(self):
-        return self.session.get_outputs()
-
     def run(self, names, feed: dict) -> list[np.ndarray]:
         if not self.has_fp8:
             return self.session.run(names, feed)
@@ -82,10 +76,10 @@ class GraphModel:
         self.n_layers = self.config["num_hidden_layers"]
         by_name = {g["name"]: g for g in self.manifest["graphs"]}
         needed = ["embed", "final"] + [f"layer_{i:02d}.{m}" for i in range(self.n_layers) for m in ("prefill", "decode")]
-        self.has_mtp = all(n in by_name for n in ("mtp.prefill", "mtp.decode", "lm_head"))
-        mtp = self.has_mtp if mtp is None else mtp
+        available = all(n in by_name for n in ("mtp.prefill", "mtp.decode", "lm_head"))
+        mtp = available if mtp is None else mtp
         if mtp:
-            if not self.has_mtp:
+            if not available:
                 raise InputError(f"{self.dir / 'manifest.json'}: no MTP graphs (mtp.prefill, mtp.decode, lm_head): "
                                  "export a model with an MTP head and --layers all")
             needed += ["mtp.prefill", "mtp.decode", "lm_head"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "float8e4m3fn": np.uint8}
+from qwen3next_trt.runtime.state import NUMPY_DTYPES
 STATE_SCALE = {"conv_state": 1.0, "recurrent_state": 0.5, "key": 1.0, "value": 1.0}
 
 

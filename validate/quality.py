@@ -24,9 +24,10 @@ from qwen3next_trt.tables import text_table
 from qwen3next_trt.export.manifest import read_manifest
 
 from .inputs import feeds_for
-from qwen3next_trt.runtime import GraphModel
+from qwen3next_trt.runtime import GraphModel, onnxrt_factory
+from qwen3next_trt.runtime.graphs import OrtSession
 from .reference import ReferencePart, kv_scales_for, weight_source
-from .validator import _onnxrt_session, _seed, check_files, metrics
+from .validator import _seed, check_files, metrics
 
 
 @dataclass
@@ -89,7 +90,7 @@ class QualityCheck:
             part = ReferencePart(records[0], self.source, kv_scales=kv_scales_for(records[0], self.manifest, self.source.config),
                                  fake_quantize_kv=False)
             for rec in records:
-                session = _onnxrt_session(self.dir / rec["file"])
+                session = OrtSession(self.dir / rec["file"])
                 for label, feed in feeds_for(rec, self.manifest["config"], seed=_seed(rec["name"]))[:1]:
                     ref = part(feed)
                     got = dict(zip(ref, session.run(None, feed)))
@@ -100,7 +101,7 @@ class QualityCheck:
             self.progress(f"[quality] {records[0]['weights'].removesuffix('.weights'):<10} worst rel. Frobenius "
                           f"{max(r.rel_frobenius for r in report.rows if r.graph in {x['name'] for x in records}):.2e}")
         try:
-            graphs = GraphModel(self.dir, lambda rec: _onnxrt_session(self.dir / rec["file"]), self.manifest, mtp=False)
+            graphs = GraphModel(self.dir, onnxrt_factory(self.dir), self.manifest, mtp=False)
         except InputError as e:
             report.notes.append(f"logit metrics not computed: {e}")
         else:

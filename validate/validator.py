@@ -124,10 +124,6 @@ def _tolerance(tol: dict, which: str, ref_max: float) -> float:
     return tol[which] if tol["kind"] == "abs" else tol[which] * max(ref_max, 1e-6)
 
 
-def _onnxrt_session(path):
-    return OrtSession(path)
-
-
 class DequantizedKV:
     """A session whose float8 key/value outputs (uint8 bits) come back as float32 values (bits x
     scale), the form the reference produces, so both are compared as numbers."""
@@ -230,7 +226,7 @@ class Validator:
 
     def _session(self, backend: str, rec: dict):
         if backend == "onnxrt":
-            return _onnxrt_session(self.dir / rec["file"])
+            return OrtSession(self.dir / rec["file"])
         from qwen3next_trt.engines.runtime import EngineSession
 
         path = self.engines / f"{rec['name']}.engine"
@@ -254,12 +250,12 @@ class Validator:
                     # beside TensorRT, ONNX Runtime is a second opinion: an older build without the
                     # contrib ops must not stop the TensorRT comparison
                     try:
-                        _onnxrt_session(self.dir / rec["file"])
+                        OrtSession(self.dir / rec["file"])
                     except Exception as e:  # noqa: BLE001
                         self.notes.append(f"{rec['name']}: onnxrt not compared: {str(e).splitlines()[0][:160]}")
                         continue
                 if kv_scales:
-                    runners.append(SessionRunner(DequantizedKV(_onnxrt_session(self.dir / rec["file"]), outputs, kv_scales),
+                    runners.append(SessionRunner(DequantizedKV(OrtSession(self.dir / rec["file"]), outputs, kv_scales),
                                                  rec["inputs"], outputs, name="onnxrt"))
                 else:
                     runners.append(OnnxrtRunner(SessionFromOnnx(str(self.dir / rec["file"]), providers=["cpu"]), name="onnxrt"))
