@@ -21,6 +21,33 @@ FLOAT8 = "tensor(float8e4m3fn)"
 FLOAT8_ONNX = 17  # onnx.TensorProto.FLOAT8E4M3FN (onnx itself is not needed at run time)
 
 
+# Environment knobs that put ONNX Runtime on other kernel paths (see validate/README.md, "Tolerances"):
+# the test suite run under them shows whether a tolerance holds beyond this CPU's choice of kernels.
+ORT_OPT_LEVEL_ENV = "QWEN3NEXT_TRT_ORT_OPT_LEVEL"  # 0 / 1 / 2 / 99: ORT's graph optimisation levels (fusions)
+ORT_THREADS_ENV = "QWEN3NEXT_TRT_ORT_THREADS"  # intra-op threads when the caller does not choose
+
+
+def session_options(threads: int | None = None):
+    """The SessionOptions of every CPU session the project opens (runtime and validate alike)."""
+    import os
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    threads = threads or int(os.environ.get(ORT_THREADS_ENV, "0"))
+    if threads:
+        opts.intra_op_num_threads = threads
+    level = os.environ.get(ORT_OPT_LEVEL_ENV)
+    if level:
+        levels = {"0": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "1": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "2": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "99": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if level not in levels:
+            raise InputError(f"{ORT_OPT_LEVEL_ENV}={level}: expected one of {', '.join(levels)}")
+        opts.graph_optimization_level = levels[level]
+    return opts
+
+
 class OrtSession:
     """An ONNX Runtime (CPU) session whose float8e4m3fn inputs and outputs travel as uint8 arrays of
     the same bits (numpy has no float8; an FP8 KV cache has such states)."""
@@ -29,11 +56,7 @@ class OrtSession:
         import onnxruntime as ort
 
         self._ort = ort
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
         self.fp8_inputs = {i.name for i in self.session.get_inputs() if i.type == FLOAT8}
         self.has_fp8 = bool(self.fp8_inputs) or any(o.type == FLOAT8 for o in self.session.get_outputs())
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -18,6 +18,8 @@ from qwen3next_trt.model.fp8 import FP8_DTYPE, is_quantized, quantize
 from qwen3next_trt.model.loader import model_tensors
 from qwen3next_trt.validate.validator import Validator
 
+from greedy import assert_greedy_choices
+
 
 def test_block_quantisation_matches_its_definition():
     g = torch.Generator().manual_seed(0)
@@ -286,16 +288,20 @@ def test_fp8_kv_cache_export_matches_the_reference_and_generates_its_tokens(fp8_
 
     report = Validator(fp8_kv_export, progress=lambda m: None).run()
     assert report.passed, [r for r in report.rows if not r.passed]
-    assert all(v["token_agreement"] == 1.0 for v in report.end_to_end.values() if "token_agreement" in v)
-    # the runtime keeps float8 states as their bits; its greedy tokens equal the reference's with the
-    # same KV rounding (and differ from the float model's somewhere, or the rounding did nothing)
+    (greedy,) = report.end_to_end.values()
+    assert greedy["consistent"] and greedy["agreement_before_tie"] == 1.0, greedy
+    # the runtime keeps float8 states as their bits; its greedy tokens are the reference's (same KV
+    # rounding) up to near-ties. Margins are small by nature here: an E4M3 flip of one K/V element,
+    # which upstream float32 differences between CPUs decide, moves logits by ~1e-2, so the check is
+    # that every token is a reference greedy choice within the validator's logits tolerance.
     scales = json.loads((fp8_kv_export / "manifest.json").read_text())["kv_cache"]["scales"]
     model = WeightSource("tiny").whole_model(with_mtp=False).float()
     prompts = [np.random.default_rng(5).integers(0, 512, n).tolist() for n in (20, 11)]
     gen = Generator(fp8_kv_export)
     got = gen.generate(prompts, 16)
-    assert gen.generate(prompts, 16, mtp_k=2) == got
     fake_quantize_kv_(model, scales)
-    assert got == [model.generate_greedy(torch.tensor([p]), 16)[0].tolist() for p in prompts]
+    expected = [model.generate_greedy(torch.tensor([p]), 16)[0].tolist() for p in prompts]
+    assert_greedy_choices(model, prompts, got, expected, greedy["tolerance"])
+    assert_greedy_choices(model, prompts, gen.generate(prompts, 16, mtp_k=2), expected, greedy["tolerance"])
     kv_store = gen.model.new_store(1, 4)
     assert any(s.buffer.dtype == np.uint8 for slots in kv_store.layers for s in slots)

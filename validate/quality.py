@@ -27,7 +27,8 @@ from .inputs import feeds_for
 from qwen3next_trt.runtime import GraphModel, onnxrt_factory
 from qwen3next_trt.runtime.graphs import OrtSession
 from .reference import ReferencePart, kv_scales_for, weight_source
-from .validator import _seed, check_files, metrics
+from .tolerances import metrics
+from .validator import _seed, check_files
 
 
 @dataclass
