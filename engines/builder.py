@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 from qwen3next_trt.errors import InputError
 
 from qwen3next_trt.export.manifest import read_manifest
+from qwen3next_trt.progress import Eta
 
 from . import trt as trt_adapter
 
@@ -89,8 +91,14 @@ class CaptureLogger:
 def describe_layer(trt, layer) -> dict:
     entry = {"name": layer.name, "type": str(layer.type).split(".")[-1]}
     if layer.type == trt.LayerType.PLUGIN_V3:
+        inputs = [layer.get_input(i) for i in range(layer.num_inputs)]
         layer.__class__ = trt.IPluginV3Layer
-        entry["plugin"] = getattr(layer.plugin, "plugin_name", "?")
+        # a C++ plugin reaches Python as a bare IPluginV3: its name is on the core capability
+        core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+        entry["plugin"] = getattr(core, "plugin_name", None) or getattr(layer.plugin, "plugin_name", "?")
+        # what feeds a plugin (a float8 weight, or a DEQUANTIZE's output) is what decides its kernel
+        entry["inputs"] = [{"name": t.name, "dtype": str(t.dtype).split(".")[-1]} if t is not None else None
+                           for t in inputs]
     return entry
 
 
@@ -113,7 +121,7 @@ def allow_decomposed_attention(trt, network) -> int:
 class EngineBuilder:
     def __init__(self, onnx_dir, out_dir, graphs: str | None = None, limits: Limits | None = None,
                  optimization_level: int = 3, flavour: str = "auto", compute_capabilities: list[str] | None = None,
-                 force: bool = False, progress=print):
+                 force: bool = False, progress=print, embed_plugins: bool = False):
         self.onnx_dir, self.out_dir = Path(onnx_dir), Path(out_dir)
         self.manifest = read_manifest(self.onnx_dir)
         self.graphs = select_graphs(self.manifest, graphs)
@@ -139,11 +147,17 @@ class EngineBuilder:
                              "which SM80/SM86 (Ampere) cannot run; use SM89 or newer")
         self.ccs = self.T.compute_capabilities(compute_capabilities)
         self.cc_names = compute_capabilities or []
-        from qwen3next_trt.plugins import bindings
-        from qwen3next_trt.plugins.build import source_hash
+        from qwen3next_trt.plugins import build as plugin_build
 
-        self.plugins = bindings.register(self.T.trt)
-        self.plugin_source_hash = source_hash()
+        # The C++ plugin library (not the Python plugins: one process cannot register both, and only the
+        # library serves C++ hosts such as Triton); compiled on first use, like the kernels.
+        try:
+            self.plugin_library = plugin_build.cpp_library_info(progress=progress)
+        except plugin_build.PluginBuildError as e:
+            raise InputError(str(e)) from None
+        self.plugins = list(plugin_build.CPP_PLUGINS)
+        self.embed_plugins = embed_plugins
+        self.plugin_source_hash = self.plugin_library["source_sha256"]
 
     # -- one graph -------------------------------------------------------------------------------
     def _profile(self, record: dict) -> dict[str, dict[str, list[int]]]:
@@ -159,8 +173,8 @@ class EngineBuilder:
         return profile
 
     def _key(self, record: dict, profile: dict, weights_sha: str, onnx_sha: str) -> str:
-        parts = [onnx_sha, weights_sha, self.T.flavour, self.T.version, self.plugin_source_hash, json.dumps(profile, sort_keys=True),
-                 ",".join(self.cc_names), str(self.optimization_level)]
+        parts = [onnx_sha, weights_sha, self.T.flavour, self.T.version, self.plugin_library["sha256"], json.dumps(profile, sort_keys=True),
+                 ",".join(self.cc_names), str(self.optimization_level), f"embed={self.embed_plugins}"]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def build_one(self, record: dict, weights_sha: str, timing_cache) -> tuple[dict, bool]:
@@ -178,13 +192,19 @@ class EngineBuilder:
 
         log = CaptureLogger(trt)
         builder = trt.Builder(log.logger)
+        # each Builder has its own plugin registry (it also searches the process-wide one)
+        trt_adapter.load_plugin_library(self.T, builder.get_plugin_registry(), self.plugin_library["path"], tuple(self.plugins))
         network = self.T.create_network(builder)
         parser = trt.OnnxParser(network, log.logger)
+        refused_before = trt_adapter.plugin_library_last_error(self.plugin_library["path"])
         if not parser.parse_from_file(str(onnx_path)):
             errs = []
             for i in range(parser.num_errors):
                 e = parser.get_error(i)
                 errs.append(f"node {e.node_name()!r} ({e.node_operator()}): {e.desc()}")
+            # a plugin's refusal of an attribute reaches neither the parser's errors nor (TensorRT-RTX) the logger
+            refused = trt_adapter.plugin_library_last_error(self.plugin_library["path"])
+            errs += [refused] if refused and refused != refused_before else []
             raise InputError(f"{onnx_path}: TensorRT's ONNX parser failed: " + "; ".join(errs or log.errors()[-3:]))
         layers = [describe_layer(trt, network.get_layer(i)) for i in range(network.num_layers)]
         decomposed = allow_decomposed_attention(trt, network)
@@ -201,6 +221,9 @@ class EngineBuilder:
             config.add_optimization_profile(prof)
         if timing_cache is not None:
             config.set_timing_cache(timing_cache, False)
+        if self.embed_plugins:
+            # the plan carries the library (+ its size): a host deserialises it without loading plugins first
+            config.plugins_to_serialize = [self.plugin_library["path"]]
         t0 = time.time()
         plan = builder.build_serialized_network(network, config)
         seconds = time.time() - t0
@@ -222,6 +245,9 @@ class EngineBuilder:
             "plugins": [{"name": n, "version": "1", "namespace": ""} for n in self.plugins],
             "plugin_layers": plugin_layers,
             "plugin_library_source_sha256": self.plugin_source_hash,
+            "plugin_library": {"path": self.plugin_library["path"], "sha256": self.plugin_library["sha256"],
+                               "tensorrt_headers": self.plugin_library["tensorrt_headers_version"],
+                               "embedded": self.embed_plugins},
             "compute_capabilities": self.cc_names or ["the building GPU"],
             "builder": {"strongly_typed": True, "optimization_level": self.optimization_level,
                         "float32_attention_decomposed": decomposed,
@@ -237,8 +263,38 @@ class EngineBuilder:
         os.replace(tmp, meta_path)
         return meta, True
 
+    def weights_bytes(self, record: dict) -> int:
+        """Bytes of a graph's weights file (what its engine will hold): as the manifest records them, else
+        as on disk; 0 for a graph without one."""
+        name = record.get("weights")
+        if not name:
+            return 0
+        known = self.manifest.get("weights", {}).get(name, {}).get("bytes")
+        if known is not None:
+            return int(known)
+        path = self.onnx_dir / name
+        return path.stat().st_size if path.is_file() else 0
+
+    def check_disk(self):
+        """An engine holds its graph's weights: at 80B layer 0 (FP8 weights, bf16) the prefill and the
+        decode engine are 1603.6 and 1603.8 MiB for a 1600.9 MiB weights file (NOTES.md). So every graph
+        without an engine yet needs about its weights file again, plus the largest once more for the
+        temporary file an engine is written to."""
+        sizes = [self.weights_bytes(g) for g in self.graphs]
+        missing = [b for g, b in zip(self.graphs, sizes) if not (self.out_dir / f"{g['name']}.engine").exists()]
+        need = int((sum(missing) + max(sizes, default=0)) * 1.05) + (64 << 20)
+        probe = self.out_dir if self.out_dir.exists() else self.out_dir.resolve().parent
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise InputError(f"--out {self.out_dir}: building {len(missing)} engine(s) needs about {need / 2**30:.1f} GiB of disk "
+                             f"(an engine holds its graph's weights) and {probe} has {free / 2**30:.1f} GiB free: "
+                             "free space, or give --out on a disk with that much free")
+
     def run(self) -> list[dict]:
         trt = self.T.trt
+        self.check_disk()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         cache_path = self.out_dir / TIMING_CACHE
         config = trt.Builder(CaptureLogger(trt).logger).create_builder_config()
@@ -249,6 +305,9 @@ class EngineBuilder:
                       f"plugins {', '.join(self.plugins)}")
         weights_sha: dict[str, str] = {}
         results = []
+        # ETA by weight bytes: a layer graph of the 80B model takes minutes, a norm graph seconds
+        sizes = [self.weights_bytes(g) for g in self.graphs]
+        eta = Eta(sum(sizes))
         for i, record in enumerate(self.graphs, 1):
             t0 = time.time()
             w = record["weights"]
@@ -257,10 +316,16 @@ class EngineBuilder:
             meta, built = self.build_one(record, weights_sha[w], timing_cache)
             results.append(meta)
             status = "built" if built else "up to date"
+            if built:
+                progress = eta.step(sizes[i - 1], time.time() - t0)
+            else:
+                eta.skip(sizes[i - 1])
+                progress = ""
             names = meta["plugin_layers"]
             plugins = ", ".join(f"{n}" + (f" x{names.count(n)}" if names.count(n) > 1 else "") for n in sorted(set(names))) or "-"
             self.progress(f"[build] {i}/{len(self.graphs)} {record['name']:<18} {status:<10} {len(meta['layers']):>4} layers  "
-                          f"{meta['engine_bytes'] / 2**20:8.1f} MiB  {time.time() - t0:6.1f} s  plugins: {plugins}")
+                          f"{meta['engine_bytes'] / 2**20:8.1f} MiB  {time.time() - t0:6.1f} s  plugins: {plugins}"
+                          + (f"  {progress}" if progress else ""))
         serialized = timing_cache.serialize()
         tmp = cache_path.with_name(f".{TIMING_CACHE}.tmp")
         tmp.write_bytes(bytes(serialized))
@@ -295,11 +360,15 @@ def inspect_path(path: str | Path) -> str:
               f"built on {m['built_on']} in {m['build_seconds']} s ({m['created']})",
               f"builder: {m['builder']}",
               f"plugins: {', '.join(p['name'] for p in m['plugins'])}; plugin library source sha256 {m['plugin_library_source_sha256'][:16]}",
+              *([f"plugin library: {lib['path']} (sha256 {lib['sha256'][:16]}, TensorRT {lib['tensorrt_headers']} headers, "
+                 f"{'embedded in the plan' if lib['embedded'] else 'not embedded: load it before deserialising'})"]
+                if (lib := m.get("plugin_library")) else []),
               f"source: {m['onnx']} (sha256 {m['onnx_sha256'][:16]}), weights sha256 {m['weights_sha256'][:16]}",
               "profile:"]
     for name, r in m["profiles"][0].items():
         lines.append(f"  {name:<28} min {r['min']}  opt {r['opt']}  max {r['max']}")
     lines.append(f"layers ({len(m['layers'])}):")
     lines += [f"  {i:>4}  {lay['type']:<22} {lay['name']}" + (f"  -> plugin {lay['plugin']}" if "plugin" in lay else "")
+              + (" (" + ", ".join(f"{t['name']}: {t['dtype']}" if t else "-" for t in lay["inputs"]) + ")" if lay.get("inputs") else "")
               for i, lay in enumerate(m["layers"])]
     return "\n".join(lines)

@@ -43,12 +43,15 @@ class EngineSession:
             raise InputError(f"{self.path}: built by {want['flavour']} {want['version']}, this process has {self.T.version}: rebuild it")
         if not torch.cuda.is_available():
             raise InputError(f"{self.path}: running an engine needs a CUDA GPU (none visible)")
-        from qwen3next_trt.plugins import bindings
+        from qwen3next_trt.plugins import build as plugin_build
 
-        bindings.register(self.T.trt)
         trt = self.T.trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        if not self.meta.get("plugin_library", {}).get("embedded"):
+            # a plain plan names its plugins only: their creators must be registered before deserialising
+            trt_adapter.load_plugin_library(self.T, self.runtime.get_plugin_registry(), plugin_build.cpp_library_path(),
+                                            plugin_build.CPP_PLUGINS)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             cc = "sm_%d%d" % torch.cuda.get_device_capability()

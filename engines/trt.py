@@ -50,6 +50,40 @@ class Trt:
         return [getattr(self.trt.ComputeCapability, n) for n in names]
 
 
+def load_plugin_library(T: Trt, registry, path: Path, names: tuple[str, ...]) -> list[str]:
+    """Register a C++ plugin library's creators with `registry` (a Builder's or Runtime's
+    get_plugin_registry(): each Builder has its own, which searches the process-wide one) through
+    load_library: TensorRT calls the library's setLoggerFinder and getCreators. Returns `names`."""
+    trt = T.trt
+    # all_creators, not get_creator: a miss in get_creator is logged as an API usage error
+    present = {c.name for c in registry.all_creators} | {c.name for c in trt.get_plugin_registry().all_creators}
+    clash = [n for n in names if n in present]
+    if clash:
+        raise InputError(f"{path}: plugin creators {', '.join(clash)} are already registered with {T.flavour} in this process "
+                         "(by the Python plugins or another library): TensorRT refuses a creator name twice")
+    handle = registry.load_library(str(path))
+    missing = [n for n in names if n not in {c.name for c in registry.all_creators}]
+    if handle is None or missing:
+        raise InputError(f"{path}: {T.flavour} {T.version} did not load this plugin library"
+                         + (f" (creators {', '.join(missing)} missing)" if missing else "")
+                         + " (its messages went to the logger of the Builder / Runtime that owns the registry)")
+    return list(names)
+
+
+def plugin_library_last_error(path: Path) -> str:
+    """The plugin library's last refusal (a bad attribute at createPlugin). TensorRT-RTX 1.7's logger
+    finder gives plugins no logger (measured), so the message would be lost otherwise; dlopen of the
+    loaded library returns the same instance."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL | os.RTLD_NOW)
+    fn = lib.q3n_plugin_last_error
+    fn.restype, fn.argtypes = ctypes.c_size_t, [ctypes.c_char_p, ctypes.c_size_t]
+    buf = ctypes.create_string_buffer(4096)
+    fn(buf, len(buf))
+    return buf.value.decode(errors="replace")
+
+
 def _ensure_unversioned_rtx_library():
     libs = importlib.import_module("tensorrt_rtx_libs")
     base = Path(list(libs.__path__)[0])

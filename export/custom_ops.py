@@ -8,7 +8,8 @@
                                       update_rule gated_delta, q_num_heads Hk, kv_num_heads Hv, scale
   qwen3next::moe                    MoE(input [B,T,H], router_probs [B*T,E] (router logits), fc1 [E,2I,H] (gate/up
                                       rows interleaved), fc1_bias [E,2I], fc2 [E,H,I], fc2_bias [E,H]) -> output [B,T,H];
-                                      activation swiglu, swiglu_fusion 1, k, normalize_routing_weights
+                                      activation swiglu, swiglu_fusion 1, k, normalize_routing_weights 1; without
+                                      norm_topk_prob, times the top-k softmax mass (Softmax, TopK, ReduceSum, Mul)
 
 Each op's eager implementation is the reference model's function, so tracing cannot drift from it.
 TensorRT's ONNX parser hands these nodes to plugin creators of the same names (plugins/).
@@ -193,9 +194,26 @@ def _linear_attention_onnx(q, k, v, past_state, decay, beta, q_num_heads: int, k
 
 
 def _moe_onnx(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k: int, normalize_routing_weights: int):
-    return _ms.MoE(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k=k, activation_type="swiglu", swiglu_fusion=1,
-                   normalize_routing_weights=normalize_routing_weights, use_sparse_mixer=0,
-                   activation_alpha=1.0, activation_beta=0.0)
+    # The MoE node always renormalises the top-k weights. ONNX Runtime's CPU kernel may run in place
+    # over its input (MayInplace(0, 0)), and its normalize_routing_weights=0 path does not survive
+    # that: when the node is the last reader of its input and the shapes are known (a layer graph),
+    # the routed experts' contribution comes out as zero (ONNX Runtime 1.31.1; a lone node on graph
+    # inputs is right, which is why single-node tests passed; NOTES.md, issue 12). Without
+    # norm_topk_prob the weights are the top-k softmax probabilities p_i, i.e. the renormalised
+    # p_i / sum_topk(p) times sum_topk(p): scale the output by that top-k mass, computed from the
+    # same float32 softmax as the router.
+    from onnxscript import opset23
+
+    out = _ms.MoE(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k=k, activation_type="swiglu", swiglu_fusion=1,
+                  normalize_routing_weights=1, use_sparse_mixer=0, activation_alpha=1.0, activation_beta=0.0)
+    if normalize_routing_weights:
+        return out
+    probs = opset23.Softmax(opset23.Cast(router_logits, to=onnx.TensorProto.FLOAT), axis=-1)
+    top, _ = opset23.TopK(probs, opset23.Constant(value_ints=[k]), axis=-1)
+    mass = opset23.ReduceSum(top, opset23.Constant(value_ints=[-1]), keepdims=1)  # [tokens, 1]
+    # router_logits is [tokens, E] while x may keep its batch dims: give the mass x's leading shape
+    mass = opset23.Reshape(mass, opset23.Concat(opset23.Shape(x, end=-1), opset23.Constant(value_ints=[1]), axis=0))
+    return opset23.Mul(out, opset23.CastLike(mass, out))
 
 
 def _dequantize_fp8_onnx(x, row_scale, block_size: int):
@@ -276,7 +294,10 @@ def _attention_kernel(q, k, v, scale, key_mask=None):
     visible = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None] + (S - T)
     if key_mask is not None:
         visible = visible[None, None] & key_mask[:, None, None, :]
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    # enable_gqa only when heads are shared: the ONNX translation of SDPA refuses it for plain
+    # multi-head attention (num_key_value_heads == num_attention_heads)
+    gqa = q.shape[1] != k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
 
 
 def export_kernels(moe_weights=None) -> Kernels:

@@ -29,7 +29,8 @@ from qwen3next_trt.errors import InputError
 from qwen3next_trt.model.config import LINEAR_ATTENTION
 from qwen3next_trt.model.fp8 import PER_TOKEN, SCHEMES, WeightQuantizer
 from qwen3next_trt.model.loader import WeightSource, layer_prefix
-from qwen3next_trt.model.stats import model_stats
+from qwen3next_trt.model.stats import export_part_bytes, model_stats
+from qwen3next_trt.progress import Eta
 
 from . import graphs as G
 from .custom_ops import CUSTOM_OPS, MS_DOMAIN, TRANSLATION_TABLE
@@ -193,7 +194,8 @@ class Exporter:
     def __init__(self, model: str, out_dir: str | Path, dtype: str = "fp32", layers: str | None = None,
                  max_positions: int | None = None, seed: int = 0, force: bool = False, precision: str = "none",
                  fp8_scheme: str = "block", activations: str = "none", calib: int = 16, calib_seq: int = 256,
-                 calib_percentile: float | None = None, kv_cache: str = "none", progress=print):
+                 calib_percentile: float | None = None, kv_cache: str = "none", device: str = "cpu",
+                 calib_file: str | Path | None = None, progress=print):
         if dtype not in DTYPES:
             raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if precision not in PRECISIONS:
@@ -209,6 +211,14 @@ class Exporter:
         if calib_percentile is not None and not 50 < calib_percentile <= 100:
             raise InputError(f"--calib-percentile {calib_percentile}: expected a percentile in (50, 100]")
         self.activations, self.calib = activations, (calib, calib_seq, calib_percentile)
+        from qwen3next_trt.model.calibration import calibration_device
+
+        # where calibration runs (the tracing itself is CPU work); checked even when nothing is calibrated
+        self.device = calibration_device(device)
+        self.calib_file = Path(calib_file) if calib_file else None
+        if self.calib_file is not None and self.calib_file.is_dir():
+            raise InputError(f"--calib-file {calib_file}: is a directory: expected a JSON file (made or to be made by calibration)")
+        self.calibration_record: dict | None = None
         self.act_scales: dict[str, float] | str | None = PER_TOKEN if activations == "fp8-dynamic" else None
         if kv_cache not in KV_CACHES:
             raise InputError(f"--kv-cache {kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
@@ -230,8 +240,9 @@ class Exporter:
         self.weights: dict[str, dict] = {}
 
     # -- one group of graphs (prefill + decode of one part), sharing one weights file -------------
-    def _export_group(self, work: Path, group: str, module, kind: str, modes, layer=None, layer_type=None, moe=False):
-        t0 = time.time()
+    def _export_group(self, work: Path, group: str, module, kind: str, modes, layer=None, layer_type=None, moe=False,
+                      t0: float | None = None, eta: tuple[Eta, int] | None = None):
+        t0 = time.time() if t0 is None else t0
         paths = []
         for mode in modes:
             name = f"{group}.{mode}" if mode != "any" else group
@@ -257,7 +268,8 @@ class Exporter:
             })
         dt = time.time() - t0
         self.progress(f"[export] {group:<12} {kind:<16} {'/'.join(m for m in modes):<14} "
-                      f"{self.records[-1]['nodes']:>4} nodes  {weights['bytes'] / 2**20:9.1f} MiB  {dt:6.1f} s")
+                      f"{self.records[-1]['nodes']:>4} nodes  {weights['bytes'] / 2**20:9.1f} MiB  {dt:6.1f} s"
+                      + (f"  {eta[0].step(eta[1], dt)}" if eta else ""))
 
     def _parts(self):
         """(group, build module, kind, modes, layer, layer_type, moe) in export order; modules built lazily."""
@@ -289,28 +301,27 @@ class Exporter:
             raise InputError(f"{self.out_dir}: exists and is not a directory")
         if self.out_dir.exists() and any(self.out_dir.iterdir()) and not (self.out_dir / MANIFEST).exists() and not self.force:
             raise InputError(f"{self.out_dir}: exists and is not an export directory (no {MANIFEST}); refusing to replace it without --force")
+        parts = list(self._parts())
+        sizes = [self._part_bytes(kind, layer) for _, _, kind, _, layer, _, _ in parts]
+        self._check_disk(parent, sizes)
         work = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
         t0 = time.time()
         try:
             if self.activations == "fp8" or self.kv_cache == "fp8":
-                from qwen3next_trt.model.calibration import calibrate, calibration_tokens
-
-                count, seq, pct = self.calib
-                tokens = calibration_tokens(count, seq, self.config.vocab_size)
-                self.progress(f"[calibrate] {count} x {seq} tokens of Python stdlib text, "
-                              f"{'amax' if pct is None else f'{pct} percentile'} per activation")
-                scales = calibrate(self.source, tokens, pct, self.progress)
+                scales = self._calibrate()
                 kv = {n: s for n, s in scales.items() if n.endswith((".self_attn.key", ".self_attn.value"))}
                 if self.activations == "fp8":
                     self.act_scales = {n: s for n, s in scales.items() if n not in kv}
                 if self.kv_cache == "fp8":
                     self.kv_scales = kv
-            parts = list(self._parts())
             self.progress(f"[export] {len(parts)} parts of {self.source.describe()} -> {self.out_dir} "
-                          f"({self.dtype_name}, opset {OPSET} + {MS_DOMAIN} 1, max positions {self.max_positions})")
-            for group, build, kind, modes, layer, layer_type, moe in parts:
+                          f"({self.dtype_name}, opset {OPSET} + {MS_DOMAIN} 1, max positions {self.max_positions}; "
+                          f"about {_size(sum(sizes))} of weights; traced on the CPU)")
+            eta = Eta(sum(sizes))  # a part's time grows with its weights: ETA by bytes, not by part count
+            for (group, build, kind, modes, layer, layer_type, moe), size in zip(parts, sizes):
+                t_part = time.time()
                 module = build()
-                self._export_group(work, group, module, kind, modes, layer, layer_type, moe)
+                self._export_group(work, group, module, kind, modes, layer, layer_type, moe, t0=t_part, eta=(eta, size))
                 del module
             manifest = self._manifest(time.time() - t0)
             (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -321,6 +332,56 @@ class Exporter:
             shutil.rmtree(work, ignore_errors=True)
             raise
         return manifest
+
+    # -- calibration and disk space -----------------------------------------------------------------
+    def _calibrate(self) -> dict[str, float]:
+        """Scales of the exported parts only: layer i needs layers 0..i and nothing after; the stitched
+        model and the MTP layer need every layer. Reuses and extends --calib-file."""
+        from qwen3next_trt.model.calibration import (
+            CalibrationFile, calibrate, calibration_settings, calibration_tokens, describe_device)
+
+        count, seq, pct = self.calib
+        sel, n = self.selection, self.config.num_hidden_layers
+        layers = list(range(n)) if sel.model or sel.mtp else sel.layers
+        if self.device.type == "cpu":
+            source = self.source
+        else:
+            # bf16 on the GPU; a preset's weights still drawn on the CPU, so they are the exported ones
+            source = WeightSource(self.source.model, seed=self.source.seed, dtype=torch.bfloat16, device=self.device, draw="cpu")
+        settings = calibration_settings(source, count, seq, pct)
+        store = CalibrationFile(self.calib_file, settings) if self.calib_file else None
+        tokens = calibration_tokens(count, seq, self.config.vocab_size)
+        self.progress(f"[calibrate] {count} x {seq} tokens of Python stdlib text, "
+                      f"{'amax' if pct is None else f'{pct} percentile'} per activation, "
+                      f"{len(layers)} layer(s){' + MTP' if sel.mtp else ''} wanted, on {describe_device(self.device)}"
+                      + (f", file {self.calib_file}" if store else ""))
+        t0 = time.time()
+        scales = calibrate(source, tokens, pct, self.progress, layers=layers, mtp=sel.mtp, store=store)
+        self.calibration_record = dict(_calibration_record(self.calib), device=describe_device(self.device),
+                                       compute_dtype="float32" if self.device.type == "cpu" else "bfloat16",
+                                       file=str(self.calib_file) if store else None, seconds=round(time.time() - t0, 1))
+        self.progress(f"[calibrate] {len(scales)} scales in {time.time() - t0:.1f} s")
+        return scales
+
+    def _part_bytes(self, kind: str, layer: int | None) -> int:
+        part = "layer" if kind in ("linear_attention", "full_attention") else kind
+        # layers of one type and MoE-ness weigh the same: build one of each (an 80B layer takes ~0.2 s on meta)
+        key = (kind, self.config.is_moe_layer(layer) if part == "layer" else None)
+        cache = self.__dict__.setdefault("_bytes_cache", {})
+        if key not in cache:
+            cache[key] = export_part_bytes(self.config, part, self.dtype.itemsize, self.quantizer is not None, self.max_positions, layer)
+        return cache[key]
+
+    def _check_disk(self, parent: Path, sizes: list[int]):
+        # A part's prefill and decode graphs are first saved with their own data and then merged into
+        # one weights file, so the largest part briefly takes three times its size on disk.
+        need = int((sum(sizes) + 2 * max(sizes, default=0)) * 1.05) + (64 << 20)
+        free = shutil.disk_usage(parent).free
+        if free < need:
+            raise InputError(f"--out {self.out_dir}: this export needs about {_size(need)} of disk "
+                             f"({len(sizes)} parts, {_size(sum(sizes))} of weights in {self.dtype_name}"
+                             f"{' + FP8' if self.quantizer else ''}) and {parent} has {_size(free)} free: "
+                             "free space, or give --out on a disk with that much free")
 
     def _manifest(self, seconds: float) -> dict:
         cfg = self.config.to_hf_dict()
@@ -341,10 +402,10 @@ class Exporter:
                 "the graph; blocked QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE", "scales": PER_TOKEN,
             } if self.act_scales == PER_TOKEN else {
                 "format": "float8e4m3fn", "scheme": "static per-tensor, QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE",
-                "calibration": _calibration_record(self.calib), "scales": self.act_scales},
+                "calibration": self.calibration_record, "scales": self.act_scales},
             "kv_cache": {"format": self.dtype_name} if self.kv_scales is None else {
                 "format": "float8e4m3fn", "scheme": "static per-tensor scales per attention layer (key, value); past "
-                "DequantizeLinear, new tokens Q/DQ before attention, present QuantizeLinear", "calibration": _calibration_record(self.calib),
+                "DequantizeLinear, new tokens Q/DQ before attention, present QuantizeLinear", "calibration": self.calibration_record,
                 "scales": self.kv_scales},
             "opsets": {"ai.onnx": OPSET, MS_DOMAIN: 1},
             "custom_ops": {op: {"domain": MS_DOMAIN, "version": v} for op, v in CUSTOM_OPS.items()},
@@ -353,6 +414,10 @@ class Exporter:
             "weights": self.weights,
             "graphs": self.records,
         }
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _calibration_record(calib: tuple) -> dict:

@@ -153,8 +153,8 @@ class Qwen3NextConfig:
                 raise bad(name, "true or false")
             return v
 
-        ints = {name: get_int(name) for name in REQUIRED_FIELDS}
-        ints["num_experts"] = get_int("num_experts", minimum=0)
+        # num_experts 0 is a dense model (every layer a plain MLP), as in transformers
+        ints = {name: get_int(name, minimum=0 if name == "num_experts" else 1) for name in REQUIRED_FIELDS}
         n_layers = ints["num_hidden_layers"]
 
         layer_types = d.get("layer_types")

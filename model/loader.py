@@ -16,7 +16,7 @@ from torch import nn
 
 from qwen3next_trt.errors import InputError
 
-from .checkpoint import CheckpointReader, write_checkpoint
+from .checkpoint import INDEX_FILE, CheckpointReader, write_checkpoint
 from .config import Qwen3NextConfig
 from .modeling_qwen3_next import (
     Qwen3NextDecoderLayer,
@@ -35,6 +35,9 @@ def resolve_config(model: str) -> Qwen3NextConfig:
     path = Path(model)
     if not path.exists():
         raise InputError(f"{model}: not a preset ({', '.join(PRESETS)}) and no such directory")
+    if path.is_dir() and not any(path.glob("*.safetensors")) and not (path / INDEX_FILE).exists():
+        # a config.json alone (what `random-checkpoint` and `info` need): no weights to map
+        return Qwen3NextConfig.from_file(path / "config.json")
     return CheckpointReader(path).config
 
 
@@ -63,11 +66,11 @@ def load_parameters(module: nn.Module, reader: CheckpointReader, prefix: str):
             param.copy_(tensor.to(param.dtype))
 
 
-def _empty_layer(cfg: Qwen3NextConfig, layer_idx: int, dtype) -> Qwen3NextDecoderLayer:
+def _empty_layer(cfg: Qwen3NextConfig, layer_idx: int, dtype, device="cpu") -> Qwen3NextDecoderLayer:
     # MTP layers continue the numbering past layer_types; they are full-attention MoE layers (as in Qwen3NextMTP).
     if layer_idx < cfg.num_hidden_layers:
-        return _empty(lambda: Qwen3NextDecoderLayer(cfg, layer_idx), dtype)
-    return _empty(lambda: Qwen3NextDecoderLayer(cfg, layer_idx, layer_type="full_attention", moe=cfg.num_experts > 0), dtype)
+        return _empty(lambda: Qwen3NextDecoderLayer(cfg, layer_idx), dtype, device)
+    return _empty(lambda: Qwen3NextDecoderLayer(cfg, layer_idx, layer_type="full_attention", moe=cfg.num_experts > 0), dtype, device)
 
 
 def load_layer(reader: CheckpointReader, layer_idx: int, dtype=torch.float32) -> Qwen3NextDecoderLayer:
@@ -112,38 +115,49 @@ def load_model(path: str | Path, dtype=torch.float32, with_mtp: bool = True) -> 
 RANDOM_INIT_VERSION = 2
 
 
-def random_tensor(name: str, shape, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+def random_tensor(name: str, shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """The seeded draw of one tensor. On the CPU in float32 (the defaults) this is the reference
+    stream of RANDOM_INIT_VERSION; on a GPU the same recipe gives other numbers (another generator),
+    which is why a source drawn there says so in its identity (WeightSource.describe)."""
+    g = torch.Generator(device=device).manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+    like = {"device": device, "dtype": dtype}
+    randn = lambda: torch.randn(shape, generator=g, **like)  # noqa: E731
     leaf = name.rsplit(".", 2)
     if name.endswith("A_log"):
         # Decay rates spread log-uniformly from long memory (A = 0.01: a state survives hundreds of
         # tokens) to short (A = 16), so state precision matters as it does in trained models.
-        return torch.empty(shape).uniform_(math.log(0.01), math.log(16.0), generator=g)
+        return torch.empty(shape, **like).uniform_(math.log(0.01), math.log(16.0), generator=g)
     if name.endswith("dt_bias"):
-        return 1.0 + 0.5 * torch.randn(shape, generator=g)
+        return 1.0 + 0.5 * randn()
     if name.endswith("linear_attn.norm.weight"):  # gated norm: plain weight around 1
-        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+        return 1.0 + 0.1 * randn()
     if "norm" in leaf[-2] or leaf[-2].endswith("layernorm"):  # zero-centred norms: offsets from 1
-        return 0.1 * torch.randn(shape, generator=g)
+        return 0.1 * randn()
     if name.endswith("conv1d.weight"):
-        return torch.randn(shape, generator=g) / shape[-1] ** 0.5
+        return randn() / shape[-1] ** 0.5
     if name.endswith("embed_tokens.weight"):  # also the LM head when tied: keeps logits O(1)-O(10)
-        return 0.35 * torch.randn(shape, generator=g)
+        return 0.35 * randn()
     if name.endswith("bias"):
-        return 0.02 * torch.randn(shape, generator=g)
+        return 0.02 * randn()
     std = shape[-1] ** -0.5  # linear [out, in]: unit gain
     if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
         # Residual branches write back at a quarter gain. With unit gain a random model is chaotic:
         # float32 rounding grows to ~1e-3 at the logits (measured against a float64 run), which
         # would drown the 1e-4 parity thresholds; at 1/4 it stays ~5e-5.
         std /= 4
-    return std * torch.randn(shape, generator=g)
+    return std * randn()
 
 
-def randomize_(module: nn.Module, prefix: str, seed: int):
+def randomize_(module: nn.Module, prefix: str, seed: int, on_device: bool = False):
+    """Fill every parameter with its seeded draw. `on_device`: draw where the parameter lives, in its
+    dtype (a GPU fills an 80B layer in well under a second; the CPU stream takes ~40 s per layer on
+    two cores), giving other numbers than the CPU stream."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(random_tensor(prefix + name, p.shape, seed).to(p.dtype))
+            if on_device:
+                p.copy_(random_tensor(prefix + name, p.shape, seed, p.device, p.dtype))
+            else:
+                p.copy_(random_tensor(prefix + name, p.shape, seed).to(p.dtype))
     return module
 
 
@@ -181,8 +195,15 @@ class WeightSource:
     """Modules of a model, materialised one part at a time: from a checkpoint directory, or for a
     preset from seeded random weights (each tensor drawn from (seed, its name))."""
 
-    def __init__(self, model: str, seed: int = 0, dtype=torch.float32):
+    def __init__(self, model: str, seed: int = 0, dtype=torch.float32, device="cpu", draw: str = "cpu"):
+        """`device`: where modules are materialised; `draw` ('cpu' or 'device'): where a preset's random
+        weights are drawn ('cpu': the reference stream, copied to `device`; 'device': drawn there, faster
+        on a GPU, but other weights than an export of the same preset and seed)."""
         self.model, self.seed, self.dtype = model, seed, dtype
+        self.device = torch.device(device)
+        if draw not in ("cpu", "device"):
+            raise ValueError(f"draw {draw!r}: expected 'cpu' or 'device'")
+        self.draw_on_device = draw == "device" and self.device.type != "cpu"
         if model in PRESETS:
             self.reader = None
             self.config = load_preset(model)
@@ -192,31 +213,34 @@ class WeightSource:
 
     def describe(self) -> dict:
         if self.reader is None:
-            return {"kind": "random", "preset": self.model, "seed": self.seed, "init_version": RANDOM_INIT_VERSION}
+            d = {"kind": "random", "preset": self.model, "seed": self.seed, "init_version": RANDOM_INIT_VERSION}
+            if self.draw_on_device:
+                d["drawn_on"] = self.device.type  # another stream than the CPU's: other weights
+            return d
         return {"kind": "checkpoint", "path": str(Path(self.model).resolve()), "fingerprint": self.reader.fingerprint()}
 
     def _fill(self, module: nn.Module, prefix: str) -> nn.Module:
         if self.reader is None:
-            randomize_(module, prefix, self.seed)
+            randomize_(module, prefix, self.seed, on_device=self.draw_on_device)
         else:
             load_parameters(module, self.reader, prefix)
         return module.eval()
 
     def layer(self, layer_idx: int) -> Qwen3NextDecoderLayer:
         """Decoder layer `layer_idx`; MTP layers continue the numbering."""
-        return self._fill(_empty_layer(self.config, layer_idx, self.dtype), layer_prefix(layer_idx, self.config))
+        return self._fill(_empty_layer(self.config, layer_idx, self.dtype, self.device), layer_prefix(layer_idx, self.config))
 
     def embedding(self) -> nn.Embedding:
         cfg = self.config
-        return self._fill(_empty(lambda: nn.Embedding(cfg.vocab_size, cfg.hidden_size), self.dtype), "model.embed_tokens.")
+        return self._fill(_empty(lambda: nn.Embedding(cfg.vocab_size, cfg.hidden_size), self.dtype, self.device), "model.embed_tokens.")
 
     def final_norm(self) -> nn.Module:
         cfg = self.config
-        return self._fill(_empty(lambda: Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps), self.dtype), "model.norm.")
+        return self._fill(_empty(lambda: Qwen3NextRMSNorm(cfg.hidden_size, cfg.rms_norm_eps), self.dtype, self.device), "model.norm.")
 
     def lm_head(self) -> nn.Linear:
         cfg = self.config
-        head = _empty(lambda: nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False), self.dtype)
+        head = _empty(lambda: nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False), self.dtype, self.device)
         if cfg.tie_word_embeddings:
             with torch.no_grad():
                 head.weight.copy_(self.embedding().weight)
@@ -225,7 +249,7 @@ class WeightSource:
 
     def mtp(self) -> Qwen3NextMTP:
         cfg = self.config
-        return self._fill(_empty(lambda: Qwen3NextMTP(cfg), self.dtype), "mtp.")
+        return self._fill(_empty(lambda: Qwen3NextMTP(cfg), self.dtype, self.device), "mtp.")
 
     def whole_model(self, with_mtp: bool = True) -> Qwen3NextForCausalLM:
         if self.reader is not None:

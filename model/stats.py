@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import FULL_ATTENTION, Qwen3NextConfig
-from .fp8 import KEPT_IN_BF16
-from .modeling_qwen3_next import Qwen3NextDecoderLayer, Qwen3NextMTP
+from .fp8 import KEPT_IN_BF16, is_quantized
+from .modeling_qwen3_next import Qwen3NextDecoderLayer, Qwen3NextForCausalLM, Qwen3NextMTP
 
 
 @dataclass
@@ -93,3 +93,35 @@ def state_bytes_per_token_and_sequence(config: Qwen3NextConfig, kv_bytes: int = 
         + 4 * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
     )
     return per_token, per_seq
+
+
+def export_part_bytes(config: Qwen3NextConfig, part: str, dtype_bytes: int, fp8: bool, max_positions: int,
+                      layer: int | None = None) -> int:
+    """Bytes of one exported part's weights file (`part`: embed, layer, final, lm_head, mtp, model):
+    every tensor once, FP8-stored linears at 1 byte + a row scale [out, ceil(in/128)] in the export
+    dtype, everything else in the export dtype, RoPE cos/sin tables in attention parts. An estimate
+    for the disk-space check (within a few percent of real exports: NOTES.md), not a promise."""
+    def module_bytes(module, prefix):
+        total = 0
+        for name, p in module.named_parameters():
+            if fp8 and p.dim() == 2 and is_quantized(prefix + name):
+                total += p.numel() + dtype_bytes * p.shape[0] * -(-p.shape[1] // 128)
+            else:
+                total += dtype_bytes * p.numel()
+        return total
+
+    rope = 2 * max_positions * (config.rotary_dim // 2) * dtype_bytes
+    H, V = config.hidden_size, config.vocab_size
+    with torch.device("meta"):
+        if part == "embed":
+            return V * H * dtype_bytes
+        if part in ("final", "lm_head"):
+            return V * H * dtype_bytes + (H * dtype_bytes if part == "final" else 0)
+        if part == "layer":
+            full = config.layer_types[layer] == FULL_ATTENTION
+            return module_bytes(Qwen3NextDecoderLayer(config, layer), f"model.layers.{layer}.") + (rope if full else 0)
+        if part == "mtp":
+            return module_bytes(Qwen3NextMTP(config), "mtp.") + rope
+        if part == "model":
+            return module_bytes(Qwen3NextForCausalLM(config), "") + rope
+    raise ValueError(f"unknown export part {part!r}")

@@ -8,8 +8,11 @@ launch function in the kernel library (plugins/build.py) on TensorRT's stream. T
 creators by op name (namespace "", version "1") when it meets a com.microsoft node of that name.
 
 Python plugins run in the Python process that builds or runs the engine: register them with
-`register(trt)` before parsing or deserialising. A C++ host (Triton's TensorRT backend) cannot load
-them; that needs a C++ plugin library (no TensorRT headers are installable here).
+`register(trt)` before parsing or deserialising. `build` and the engine runtime no longer do: they
+load the C++ plugin library (plugins/cpp/, libqwen3next_trt_plugins.so), which C++ hosts (Triton's
+TensorRT backend, trtexec) can load too. These OpSpecs stay as the reference its CPU tests compare it
+with (tests/test_cpp_plugins.py). Never register both in one process: TensorRT refuses a creator
+name twice.
 """
 
 from __future__ import annotations

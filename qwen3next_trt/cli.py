@@ -116,10 +116,54 @@ def cmd_export(args) -> int:
     manifest = Exporter(args.model, args.out, dtype=args.dtype, layers=args.layers, max_positions=args.max_positions,
                         seed=args.seed, force=args.force, precision=args.precision, fp8_scheme=args.fp8_weights,
                         activations=args.activations, calib=args.calib, calib_percentile=args.calib_percentile, kv_cache=args.kv_cache,
-                        progress=lambda m: print(m, flush=True)).run()
+                        device=args.device, calib_file=args.calib_file, progress=lambda m: print(m, flush=True)).run()
     print()
     print(summary_table(manifest))
-    print(f"wrote {args.out}/manifest.json (backend: torch.onnx dynamo exporter, device cpu)")
+    calib = (manifest.get("activation_precision", {}).get("calibration") or manifest.get("kv_cache", {}).get("calibration"))
+    where = f"; calibration on {calib['device']}" if calib else ""
+    print(f"wrote {args.out}/manifest.json (backend: torch.onnx dynamo exporter, device cpu{where})")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import time
+
+    from qwen3next_trt.export.exporter import parse_selection
+    from qwen3next_trt.model.calibration import (
+        CalibrationFile, calibrate, calibration_device, calibration_settings, calibration_tokens, describe_device)
+    from qwen3next_trt.model.loader import WeightSource
+
+    import torch
+
+    if args.calib < 1:
+        raise InputError(f"--calib {args.calib}: expected at least 1 sequence")
+    if args.calib_percentile is not None and not 50 < args.calib_percentile <= 100:
+        raise InputError(f"--calib-percentile {args.calib_percentile}: expected a percentile in (50, 100]")
+    device = calibration_device(args.device)
+    on_cpu = device.type == "cpu"
+    source = WeightSource(args.model, seed=args.seed, dtype=torch.float32 if on_cpu else torch.bfloat16, device=device,
+                          draw="cpu" if on_cpu or args.draw == "cpu" else "device")
+    cfg = source.config
+    sel = parse_selection(args.layers, cfg.num_hidden_layers, cfg.num_mtp_layers > 0, small=True)
+    if args.layers not in (None, "", "all") and (sel.embed or sel.final or sel.model):
+        raise InputError(f"--layers {args.layers!r}: calibration covers decoder layers and mtp only (embed/final/model have no FP8 activations)")
+    layers = sel.layers
+    store = CalibrationFile(args.out, calibration_settings(source, args.calib, 256, args.calib_percentile))
+    print(f"[calibrate] {args.model} ({source.describe()}) on {describe_device(device)}; "
+          f"{args.calib} x 256 tokens of Python stdlib text -> {args.out}", flush=True)
+    timings: dict = {}
+    t0 = time.perf_counter()
+    scales = calibrate(source, calibration_tokens(args.calib, 256, cfg.vocab_size), args.calib_percentile,
+                       lambda m: print(m, flush=True), layers=layers, mtp=sel.mtp, store=store, timings=timings)
+    total = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    print(f"wrote {args.out}: {len(scales)} scales for {len(layers)} layer(s){' + MTP' if sel.mtp else ''}, "
+          f"{len(timings)} run now in {total:.1f} s (backend: PyTorch {torch.__version__}, device {describe_device(device)}"
+          + (f", peak GPU memory {peak / 2**30:.1f} GiB)" if peak is not None else ")"))
+    if args.times:
+        Path(args.times).write_text(json.dumps({"seconds_total": round(total, 2), "device": describe_device(device),
+                                                "torch": torch.__version__, "peak_gpu_memory_bytes": peak,
+                                                "source": source.describe(), "layers": timings}, indent=1))
     return 0
 
 
@@ -144,10 +188,26 @@ def cmd_build(args) -> int:
     builder = EngineBuilder(args.onnx, args.out, graphs=args.graphs,
                             limits=Limits(args.max_batch, args.max_seq, args.max_context),
                             optimization_level=args.opt_level, flavour=args.trt, compute_capabilities=ccs,
-                            force=args.force, progress=lambda m: print(m, flush=True))
+                            force=args.force, progress=lambda m: print(m, flush=True), embed_plugins=args.embed_plugins)
     metas = builder.run()
     built = sum(1 for m in metas if m)
     print(f"wrote {built} engines + metadata to {args.out} (timing cache {args.out}/timing.cache)")
+    return 0
+
+
+def cmd_plugin_library(args) -> int:
+    from qwen3next_trt.plugins import build
+
+    try:
+        info = build.cpp_library_info(progress=lambda m: print(m, file=sys.stderr, flush=True))
+    except build.PluginHeadersError as e:
+        raise InputError(str(e)) from None
+    except build.PluginBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(info["path"])
+    print(f"sha256 {info['sha256']}")
+    print(f"built with TensorRT {info['tensorrt_headers_version']} headers from {info['headers_from']}: {info['headers']}")
     return 0
 
 
@@ -263,7 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: attention key/value states as FP8 E4M3 with calibrated per-layer scales (half the KV bytes)")
     s.add_argument("--calib", type=int, default=16, help="calibration sequences (256 tokens each) for --activations fp8")
     s.add_argument("--calib-percentile", type=float, help="use this percentile of |x| instead of the max (e.g. 99.99)")
+    s.add_argument("--calib-file", help="calibration file (JSON): scales of layers already in it are reused, new ones added "
+                                        "after every layer (resume, or split a long calibration); made by `calibrate` or here")
+    s.add_argument("--device", default="cpu", help="where calibration runs: cpu (float32) or cuda[:N] (bf16, ranges in float32); "
+                                                   "tracing is CPU work either way")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("calibrate", help="FP8 activation / KV-cache scales into a calibration file, layer by layer (resumable)")
+    s.add_argument("--model", required=True, help="preset (seeded random weights) or checkpoint directory")
+    s.add_argument("--out", required=True, help="calibration file (JSON); if it exists, its finished layers are reused")
+    s.add_argument("--layers", default="all", help="'all' (every layer + mtp), or layer numbers / ranges, and 'mtp' (e.g. 0-23, 24-47,mtp)")
+    s.add_argument("--device", default="cpu", help="cpu (float32) or cuda[:N] (bf16, ranges in float32)")
+    s.add_argument("--draw", choices=("cpu", "device"), default="cpu",
+                   help="a preset's random weights: drawn on the CPU (the weights an export of the preset has) or on "
+                        "--device (fast; other weights, so its file serves only runs drawn the same way)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
+    s.add_argument("--calib", type=int, default=16, help="calibration sequences (256 tokens each)")
+    s.add_argument("--calib-percentile", type=float, help="use this percentile of |x| instead of the max (e.g. 99.99)")
+    s.add_argument("--times", help="also write the per-layer times (materialise, run) as JSON here")
+    s.set_defaults(fn=cmd_calibrate)
 
     s = sub.add_parser("validate", help="every exported graph vs the PyTorch reference (polygraphy), and end to end")
     s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
@@ -285,7 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trt", choices=("auto", "tensorrt", "tensorrt_rtx"), default="auto")
     s.add_argument("--compute-capability", help="TensorRT-RTX targets, e.g. SM80,SM89,SM120 (default)")
     s.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
+    s.add_argument("--embed-plugins", action="store_true",
+                   help="store the C++ plugin library in each plan (plugins_to_serialize): hosts need not load it")
     s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("plugin-library", help="build (if needed) the C++ TensorRT plugin library; print its path and the headers it was built with")
+    s.set_defaults(fn=cmd_plugin_library)
 
     s = sub.add_parser("inspect", help="engine metadata and layer list")
     s.add_argument("path", help="an .engine file (or its .engine.json) or an engines directory")

@@ -3,6 +3,7 @@ project's plugins: what CI can check without a GPU. Running engines needs a GPU 
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -197,3 +198,29 @@ def test_fp16_export_builds_with_fused_attention(tmp_path):
     counts, plugins = layer_types(meta)
     assert counts["ATTENTION_OUTPUT"] == 1 and plugins == ["MoE"]
     assert layer_types(metadata(out, "layer_00.decode"))[1] == ["CausalConvWithState", "LinearAttention", "MoE"]
+
+
+def test_metadata_records_the_plugin_library_and_what_feeds_each_plugin(engines):
+    import hashlib
+
+    meta = metadata(engines, "layer_00.prefill")
+    lib = meta["plugin_library"]
+    with open(lib["path"], "rb") as f:
+        assert lib["sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert lib["embedded"] is False and lib["path"].endswith("libqwen3next_trt_plugins.so")
+    plugin_layers = {lay["plugin"]: lay for lay in meta["layers"] if "plugin" in lay}
+    # input counts and dtypes of the fp32 export's com.microsoft nodes (ONNX Runtime contrib schemas);
+    # the DeltaNet recurrent state is float32 in every export
+    assert [t["dtype"] for t in plugin_layers["LinearAttention"]["inputs"]] == ["FLOAT"] * 6
+    assert [t["dtype"] for t in plugin_layers["CausalConvWithState"]["inputs"]] == ["FLOAT"] * 4
+    assert [t["dtype"] for t in plugin_layers["MoE"]["inputs"]] == ["FLOAT"] * 6
+    assert all(t["name"] for lay in plugin_layers.values() for t in lay["inputs"])
+
+
+def test_embedded_plugin_library_grows_the_plan_by_the_library(tiny_export, engines, tmp_path):
+    out = tmp_path / "eng"
+    assert main(["build", "--onnx", str(tiny_export), "--out", str(out), "--graphs", "layer_00.decode", "--embed-plugins"]) == 0
+    meta, plain = metadata(out, "layer_00.decode"), metadata(engines, "layer_00.decode")
+    assert meta["plugin_library"]["embedded"] is True
+    size = Path(meta["plugin_library"]["path"]).stat().st_size
+    assert meta["engine_bytes"] - plain["engine_bytes"] >= 0.9 * size

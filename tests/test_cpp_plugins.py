@@ -1,0 +1,319 @@
+"""The C++ TensorRT plugin library (libqwen3next_trt_plugins.so) on the CPU: a harness program
+(tests/plugin_harness/harness.cpp) dlopens it with no TensorRT in the process and calls every plugin
+method but enqueue the way TensorRT does. Oracles: ONNX Runtime's com.microsoft contrib schemas and
+the Python plugins (plugins/<op>/binding.py: fields, defaults, attribute checks, dtypes, formats), the
+MoE workspace formula of the kernel's contract, and, for the load-time registration, stand-in
+TensorRT runtime libraries (tests/plugin_harness/registry.cpp) that refuse a creator name twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import types
+
+import pytest
+
+from qwen3next_trt.cli import main
+from qwen3next_trt.plugins import build
+from qwen3next_trt.plugins.bindings import op_specs
+
+HARNESS_DIR = build.PLUGIN_DIR.parent / "tests" / "plugin_harness"
+# TensorRT's enum values (NvInferRuntimeBase.h / NvInferPluginBase.h): DataType and PluginFieldType
+DT = {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5, "FP8": 6, "BF16": 7, "INT64": 8}
+FIELD_TYPE = {"int": 5, "float": 1, "str": 6}  # kINT32, kFLOAT32, kCHAR: what the ONNX parser passes
+ORT_ATTR_KIND = {"INT": "int", "FLOAT": "float", "STRING": "str"}
+LINEAR, CHW32 = 0, 5
+SPECS = {s.name: s for s in op_specs()}
+# For the Python plugins' own functions: a stand-in tensorrt module with TensorRT's DataType values.
+FAKE_TRT = types.SimpleNamespace(DataType=types.SimpleNamespace(**DT), DimsExprs=list)
+
+needs_compilers = pytest.mark.skipif(build.find_cuda_tool("nvcc") is None, reason="nvcc not found: the library cannot be built")
+
+
+def _gxx(*args):
+    subprocess.run(["g++", "-std=c++17", "-O0", "-Wno-deprecated-declarations", f"-I{build.tensorrt_headers()[0]}",
+                    f"-I{build._cuda_home() / 'include'}", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def library():
+    return build.cpp_library_path(progress=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory):
+    """The harness and stand-in runtimes: libnvinfer.so.10 (the registry layout of the 10.14 headers
+    the library is built with here) and libtensorrt_rtx.so.1 (11.x layout: must be left alone)."""
+    d = tmp_path_factory.mktemp("harness")
+    _gxx(str(HARNESS_DIR / "harness.cpp"), "-o", str(d / "harness"), "-ldl")
+    _gxx("-fPIC", "-c", str(HARNESS_DIR / "registry.cpp"), "-o", str(d / "registry.o"))
+    runtimes = {}
+    for soname in ("libnvinfer.so.10", "libtensorrt_rtx.so.1"):
+        (d / soname.split(".")[0]).mkdir()
+        runtimes[soname] = d / soname.split(".")[0] / soname
+        subprocess.run(["g++", "-shared", f"-Wl,-soname,{soname}", str(d / "registry.o"), "-o", str(runtimes[soname])],
+                       check=True, capture_output=True)
+    return d / "harness", runtimes
+
+
+class Harness:
+    def __init__(self, exe, library):
+        self.proc = subprocess.Popen([str(exe), str(library)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=30) == 0
+
+
+@pytest.fixture(scope="module")
+def harness(tools, library):
+    h = Harness(tools[0], library)
+    yield h
+    h.close()
+
+
+def ort_schema(name):
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    return next(s for s in C.get_all_operator_schema() if s.domain == "com.microsoft" and s.name == name)
+
+
+def field_arg(f, value) -> str:
+    return f"{f.name}=" + {"int": "i", "float": "f", "str": "s"}[f.kind] + f":{value}"
+
+
+# A valid, non-default attribute set per op (the tiny model's shapes), and the input shapes that go with it.
+VALID = {
+    "LinearAttention": {"q_num_heads": 2, "kv_num_heads": 4, "update_rule": "gated_delta", "scale": 0.125, "chunk_size": 32},
+    "CausalConvWithState": {"activation": "none", "ndim": 1},
+    "MoE": {"k": 4, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 0, "use_sparse_mixer": 0,
+            "activation_alpha": 1.0, "activation_beta": 0.0},
+}
+# distinct sizes everywhere, so an output copied from the wrong input shows
+SHAPES = {
+    "LinearAttention": ["3x5x64", "3x5x64", "3x5x96", "3x4x32x24", "3x5x4", "3x5x4"],
+    "CausalConvWithState": ["3x40x5", "40x1x4", "40", "3x40x3"],
+    "MoE": ["3x5x64", "15x16", "16x96x64", "16x96", "16x64x48", "16x64"],
+}
+
+
+def create(harness, op, values, name="node0", phase="build"):
+    spec = SPECS[op]
+    args = " ".join(field_arg(f, values[f.name]) for f in spec.fields if f.name in values)
+    return harness(f"create {op} {name} {phase} {args}")
+
+
+@needs_compilers
+def test_library_links_no_tensorrt_and_exports_the_entry_points(library):
+    needed = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    libs = {line.split("[")[1].rstrip("]") for line in needed.splitlines() if "(NEEDED)" in line}
+    assert not [n for n in libs if "nvinfer" in n or "tensorrt" in n or "cudart" in n], libs  # cudart is static
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in symbols.splitlines()}
+    assert {"getCreators", "setLoggerFinder", *build.SYMBOLS} <= exported
+    info = build.cpp_library_info(build=False)
+    assert info["path"] == str(library) and info["headers_from"] == build.KERNEL_LENS or os.environ.get("TENSORRT_ROOT")
+
+
+@needs_compilers
+def test_creators_match_the_python_plugins_and_onnx_runtime_schemas(harness):
+    creators = {c["name"]: c for c in harness("creators")["creators"]}
+    assert sorted(creators) == sorted(SPECS) == sorted(build.CPP_PLUGINS)
+    for name, spec in SPECS.items():
+        c, schema = creators[name], ort_schema(name)
+        assert (c["interface"], c["interface_version"], c["version"], c["namespace"]) == ("PLUGIN CREATOR_V3ONE", [1, 0], "1", "")
+        assert [f["name"] for f in c["fields"]] == [f.name for f in spec.fields]
+        for f, cf in zip(spec.fields, c["fields"]):
+            assert cf["type"] == FIELD_TYPE[f.kind], f.name
+            # the parser forwards an ONNX attribute only when a field of that name is declared
+            assert ORT_ATTR_KIND[str(schema.attributes[f.name].type).split(".")[-1]] == f.kind, f.name
+
+
+@needs_compilers
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_create_serialise_clone_round_trip(harness, op):
+    spec, schema = SPECS[op], ort_schema(op)
+    r = create(harness, op, VALID[op])
+    assert r["ok"], r
+    assert r["interfaces"] == ["PLUGIN_V3ONE_CORE", "PLUGIN_V3ONE_BUILD", "PLUGIN_V3ONE_RUNTIME"] and r["attached"]
+    assert (r["name"], r["version"], r["namespace"]) == (op, "1", "")
+    assert r["nb_outputs"] == spec.num_outputs == len(schema.outputs)
+    assert {f["name"]: f["value"] for f in r["fields"]} == pytest.approx(VALID[op])
+    assert r["round_trip"] == r["fields"] and r["clone_fields"] == r["fields"] and r["clone_name"] == op
+    # fields left out take the Python plugin's defaults
+    r = harness(f"create {op} node1 runtime")
+    if spec.validate({f.name: f.default for f in spec.fields}) is None:
+        assert {f["name"]: f["value"] for f in r["fields"]} == pytest.approx({f.name: f.default for f in spec.fields})
+    else:
+        assert not r["ok"]
+
+
+@needs_compilers
+def test_integer_and_float_fields_also_come_as_64_bit(harness):
+    r = harness("create MoE n build k=l:3 activation_alpha=d:1.5")
+    assert r["ok"] and {f["name"]: f["value"] for f in r["fields"]}["k"] == 3
+    assert {f["name"]: f["value"] for f in r["fields"]}["activation_alpha"] == 1.5
+
+
+BAD = [  # (op, attribute overrides, the field the error must name)
+    ("LinearAttention", {"q_num_heads": 2, "kv_num_heads": 3}, "kv_num_heads"),
+    ("LinearAttention", {"q_num_heads": 0, "kv_num_heads": 4}, "q_num_heads"),
+    ("LinearAttention", {"q_num_heads": 2, "kv_num_heads": 4, "update_rule": "delta"}, "update_rule"),
+    ("CausalConvWithState", {"activation": "gelu"}, "activation"),
+    ("CausalConvWithState", {"ndim": 2}, "ndim"),
+    ("MoE", {"activation_type": "gelu"}, "activation_type"),
+    ("MoE", {"swiglu_fusion": 0}, "swiglu_fusion"),
+    ("MoE", {"use_sparse_mixer": 1}, "use_sparse_mixer"),
+    ("MoE", {"k": 0}, "k"),
+]
+
+
+@needs_compilers
+@pytest.mark.parametrize("op,override,field", BAD)
+def test_bad_attribute_values_are_refused_through_the_logger(harness, op, override, field):
+    spec = SPECS[op]
+    values = {**{f.name: f.default for f in spec.fields}, **VALID[op], **override}
+    # the Python plugin refuses them too
+    problems = [f.name for f in spec.fields if f.check and f.check(values[f.name])]
+    assert problems or spec.validate(values) is not None
+    r = create(harness, op, values, name="bad_node")
+    assert not r["ok"]
+    assert "bad_node" in r["error"] and op in r["error"] and field in r["error"], r["error"]
+    assert r["logged"] == [f"1:{r['error']}"]  # ILogger::Severity::kERROR
+
+
+@needs_compilers
+def test_field_of_the_wrong_type_is_refused(harness):
+    r = harness("create MoE n build k=h:0")
+    assert not r["ok"] and "k: expected an integer" in r["error"]
+    r = harness("create MoE n build k=l:4294967296")
+    assert not r["ok"] and "32-bit" in r["error"]
+
+
+@needs_compilers
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_output_types_and_shapes_match_the_python_plugins(harness, op):
+    spec = SPECS[op]
+    assert create(harness, op, VALID[op])["ok"]
+    n = len(SHAPES[op])
+    for base in ("FLOAT", "HALF", "BF16"):
+        ins = [DT["FLOAT"] if op == "LinearAttention" and i == 3 else DT[base] for i in range(n)]
+        r = harness("types " + " ".join(map(str, ins)))
+        assert r["rc"] == 0 and r["out"] == spec.output_dtypes(ins, FAKE_TRT), (base, r)
+    dims = [[int(d) for d in s.split("x")] for s in SHAPES[op]]
+    r = harness("shapes " + " ".join(SHAPES[op]))
+    assert r["rc"] == 0 and r["out"] == spec.output_shapes(VALID[op], dims, None, FAKE_TRT)
+    assert harness("shapes " + " ".join(SHAPES[op][:-1]))["rc"] != 0  # an input short
+
+
+@needs_compilers
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_supported_formats_match_the_python_plugins(harness, op):
+    spec = SPECS[op]
+    assert create(harness, op, VALID[op])["ok"]
+    n_in, n_out = len(SHAPES[op]), spec.num_outputs
+    candidates = ("FLOAT", "HALF", "BF16", "FP8", "INT32", "INT8")
+    for base in ("FLOAT", "HALF", "BF16"):
+        io = [DT["FLOAT"] if op == "LinearAttention" and i in (3, n_in + 1) else DT[base] for i in range(n_in + n_out)]
+        for pos in range(n_in + n_out):
+            for t in candidates:
+                trial = list(io)
+                trial[pos] = DT[t]
+                descs = [types.SimpleNamespace(type=x) for x in trial]
+                want = bool(spec.supports(pos, descs, n_in, FAKE_TRT))
+                got = harness(f"supports {pos} {LINEAR} " + " ".join(map(str, trial)))["supported"]
+                assert got == want, (base, pos, t)
+        assert not harness(f"supports 0 {CHW32} " + " ".join(map(str, io)))["supported"]
+
+
+@needs_compilers
+def test_moe_takes_fp8_experts_with_float32_block_scales(harness):
+    """The FP8 form (8 inputs: fc1/fc2 float8 e4m3, then their float32 block scales): what q3n_moe_fp8
+    takes (plugins/moe/README.md); float weights are refused there, FP8 ones in the float form."""
+    assert create(harness, "MoE", VALID["MoE"])["ok"]
+    for act in ("FLOAT", "HALF", "BF16"):
+        io = [DT[act], DT[act], DT["FP8"], DT[act], DT["FP8"], DT[act], DT["FLOAT"], DT["FLOAT"], DT[act]]
+        for pos in range(9):
+            assert harness(f"supports {pos} {LINEAR} " + " ".join(map(str, io)))["supported"], (act, pos)
+        for pos, wrong in ((2, act), (4, act), (6, "HALF"), (7, "FP8"), (0, "FP8")):
+            if wrong == "FLOAT" and pos in (6, 7):
+                continue
+            trial = list(io)
+            trial[pos] = DT[wrong]
+            assert not harness(f"supports {pos} {LINEAR} " + " ".join(map(str, trial)))["supported"], (act, pos, wrong)
+    fp8_shapes = SHAPES["MoE"] + ["16x1x1", "16x1x1"]
+    assert harness("shapes " + " ".join(fp8_shapes))["out"] == [[3, 5, 64]]
+    assert harness("shapes " + " ".join(fp8_shapes[:7]))["rc"] != 0  # 7 inputs: neither form
+
+
+@needs_compilers
+def test_workspace_sizes(harness):
+    for op in ("LinearAttention", "CausalConvWithState"):
+        assert create(harness, op, VALID[op])["ok"]
+        assert harness("workspace " + " ".join(SHAPES[op]))["bytes"] == 0
+    assert create(harness, "MoE", VALID["MoE"])["ok"]
+    # the kernel's contract (tests/test_plugin_kernels.py, formula from plugins/moe/kernel.cu's layout) at the
+    # profile's largest shapes: 3x5 tokens, 16 experts, k 4, hidden 64, inter 48
+    tokens, experts, k, hidden, inter = 15, 16, 4, 64, 48
+    align = lambda n: -(-n // 256) * 256  # noqa: E731
+    pairs = tokens * k
+    expect = 2 * align(4 * pairs) + align(4 * pairs * inter)
+    expect += align(4 * experts) + 2 * align(4 * (experts + 1)) + 2 * align(4 * pairs) + align(4 * pairs * hidden)
+    assert harness("workspace " + " ".join(SHAPES["MoE"]))["bytes"] == expect
+
+
+def selfreg(tools, library, runtime, *more):
+    r = subprocess.run([str(tools[0]), "selfreg", str(runtime), str(library), *map(str, more)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@needs_compilers
+def test_registers_itself_when_dlopened_and_hands_over_to_load_library(tools, library, tmp_path):
+    """Triton's TensorRT backend only dlopens: the library finds the runtime's getPluginRegistry and
+    registers; when TensorRT's loadLibrary then calls getCreators, the registry must not end up
+    with the creators twice (TensorRT refuses the second registration of a name)."""
+    copy = tmp_path / "copy" / build.CPP_LIBRARY_NAME
+    copy.parent.mkdir()
+    copy.write_bytes(library.read_bytes())
+    r = selfreg(tools, library, tools[1]["libnvinfer.so.10"], copy)
+    assert r["before"] == "" and sorted(r["on_load"].split(",")) == sorted(build.CPP_PLUGINS)
+    assert r["status"].startswith("registered 3 of 3 creators with libnvinfer.so.10")
+    assert r["after_get_creators"] == ""  # withdrawn, for loadLibrary to register
+    assert sorted(r["after_load_library"].split(",")) == sorted(build.CPP_PLUGINS)
+    assert r["accepted"] == 3 and r["refused"] == 0 and "handed over to loadLibrary" in r["status_after"]
+    # a second copy finds the names taken and leaves them; no getCreator probing (TensorRT logs its misses)
+    assert r["second_copy"] == "registered 0 of 3 creators with libnvinfer.so.10 (3 already there)"
+    assert r["get_creator_calls"] == 0
+
+
+@needs_compilers
+def test_leaves_a_registry_of_another_layout_alone(tools, library):
+    # TensorRT-RTX 1.x has TensorRT 11's registry layout; the 10.14 headers' virtual slots would miss
+    r = selfreg(tools, library, tools[1]["libtensorrt_rtx.so.1"])
+    assert r["on_load"] == "" and "not registered with libtensorrt_rtx.so.1" in r["status"] and "11.x" in r["status"]
+    assert sorted(r["after_load_library"].split(",")) == sorted(build.CPP_PLUGINS) and r["refused"] == 0
+    r = selfreg(tools, library, "none")
+    assert r["status"] == "not registered: no TensorRT runtime library loaded in this process"
+
+
+@needs_compilers
+def test_cli_prints_the_library_and_its_headers(library, capsys):
+    assert main(["plugin-library"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == str(library) and out[1].split()[1] == build.cpp_library_info(build=False)["sha256"]
+    assert "TensorRT 10.14.1 headers from kernel-lens==2.0.1" in out[2] or os.environ.get("TENSORRT_ROOT")
+
+
+def test_tensorrt_root_without_headers_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TENSORRT_ROOT", str(tmp_path))
+    assert main(["plugin-library"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"error: TENSORRT_ROOT={tmp_path}: expected {tmp_path}/include/NvInferRuntime.h (a TensorRT install's headers)"
