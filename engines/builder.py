@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3next_trt.errors import InputError
+from qwen3next_trt.hashing import file_sha256
 
 from qwen3next_trt.export.manifest import read_manifest
 from qwen3next_trt.progress import Eta
@@ -49,14 +50,6 @@ class Limits:
         if dim == "past":
             return 0, min(self.max_context // 2, 1024), self.max_context - 1
         raise InputError(f"unknown symbolic dim {dim!r} in the manifest")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def select_graphs(manifest: dict, spec: str | None) -> list[dict]:
@@ -183,7 +176,7 @@ class EngineBuilder:
         engine_path = self.out_dir / f"{record['name']}.engine"
         meta_path = engine_path.with_name(engine_path.name + ".json")
         profile = self._profile(record)
-        onnx_sha = _sha256(onnx_path)
+        onnx_sha = file_sha256(onnx_path)
         key = self._key(record, profile, weights_sha, onnx_sha)
         if not self.force and engine_path.exists() and meta_path.exists():
             old = json.loads(meta_path.read_text())
@@ -312,7 +305,7 @@ class EngineBuilder:
             t0 = time.time()
             w = record["weights"]
             if w not in weights_sha:
-                weights_sha[w] = _sha256(self.onnx_dir / w)
+                weights_sha[w] = file_sha256(self.onnx_dir / w)
             meta, built = self.build_one(record, weights_sha[w], timing_cache)
             results.append(meta)
             status = "built" if built else "up to date"

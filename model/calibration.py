@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from qwen3next_trt.errors import InputError
+from qwen3next_trt.hashing import file_sha256
 from qwen3next_trt.progress import Eta, duration
 
 from .cache import AttentionCache
@@ -100,14 +101,6 @@ def describe_device(dev: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_atomic(path: Path, data: bytes):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -168,7 +161,7 @@ class CalibrationFile:
     def hidden_after(self) -> int | None:
         """The layer after which the stored hidden states were taken, if the file is there and intact."""
         rec = self.hidden_record
-        if rec is None or not self.hidden_path.exists() or _sha256(self.hidden_path) != rec.get("sha256"):
+        if rec is None or not self.hidden_path.exists() or file_sha256(self.hidden_path) != rec.get("sha256"):
             return None
         return rec["after_layer"]
 

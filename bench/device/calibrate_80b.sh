@@ -4,13 +4,7 @@
 # tests. No carry needed:  bash bench/device/calibrate_80b.sh   (results: bench/results/calibrate-80b-*)
 # SPLIT=1 also calibrates it in two resumed runs (0-23, then 24-47,mtp) and compares with the one run.
 set -u
-export PYTHONUNBUFFERED=1
-date -u +%Y-%m-%dT%H:%M:%SZ | tee $OUT/device.txt
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a $OUT/device.txt
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a $OUT/device.txt
-# the project's stage folders as the package qwen3next_trt (what an editable install maps)
-mkdir -p /tmp/pkg && cp -r qwen3next_trt /tmp/pkg/ && for d in model export plugins engines validate runtime deploy; do ln -sfn $PWD/$d /tmp/pkg/qwen3next_trt/$d; done
-export PYTHONPATH=/tmp/pkg
+source bench/device/env.sh
 echo "== GPU calibration tests"
 timeout 150 python3 -P -m pytest -q -s -m gpu -p no:cacheprovider tests/test_calibration.py 2>&1 | tail -8 | tee $OUT/gpu_tests.log
 echo "== calibrate qwen3-next-80b-a3b, all layers + MTP, on the GPU"

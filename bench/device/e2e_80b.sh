@@ -5,13 +5,8 @@
 # benchmark, which leaves out whatever failed or crashed there. Writes under $OUT: e2e_80b.json, e2e_80b.md,
 # selftest.json, the logs. BUDGET_S (default 300) bounds the benchmark's own time.
 set -u
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/e2e_out}; mkdir -p $OUT
-date -u | tee $OUT/device.txt
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total --format=csv 2>&1 | tee -a $OUT/device.txt
-# the project's stage folders as the package qwen3next_trt (what an editable install maps)
-mkdir -p /tmp/pkg && cp -r qwen3next_trt /tmp/pkg/ && for d in model export plugins engines validate runtime; do ln -sfn $PWD/$d /tmp/pkg/qwen3next_trt/$d; done
-export PYTHONPATH=/tmp/pkg
+OUT=${OUT:-/tmp/e2e_out}
+source bench/device/env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1 | tee -a $OUT/device.txt
 python3 -c "from qwen3next_trt.plugins.build import library_path; print(library_path())" 2>&1 | tail -1
 echo "== selftest"

@@ -2,13 +2,7 @@
 # its own process so that a kernel fault in one cannot spoil the CUDA context of the others. Logs under $OUT.
 # No carry needed:  bash bench/device/gpu_tests.sh
 set -u
-export PYTHONUNBUFFERED=1
-date -u +%Y-%m-%dT%H:%M:%SZ | tee $OUT/device.txt
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a $OUT/device.txt
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a $OUT/device.txt
-# the project's stage folders as the package qwen3next_trt (what an editable install maps)
-mkdir -p /tmp/pkg && cp -r qwen3next_trt /tmp/pkg/ && for d in model export plugins engines validate runtime deploy; do ln -sfn $PWD/$d /tmp/pkg/qwen3next_trt/$d; done
-export PYTHONPATH=/tmp/pkg
+source bench/device/env.sh
 python3 -P -c "from qwen3next_trt.plugins.build import library_path; print(library_path())" 2>&1 | tail -1
 for f in ${FILES:-$(grep -l "mark.gpu" tests/test_*.py)}; do
   echo "== $f"
