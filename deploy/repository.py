@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from qwen3next_trt.errors import InputError
+from qwen3next_trt.outputs import check_output, staged
 from qwen3next_trt.export.manifest import read_manifest as read_export_manifest
 
 MODEL_NAME = "qwen3next"
@@ -215,7 +215,9 @@ def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL
     """
     onnx_dir = Path(onnx_dir).resolve()
     engines_dir = Path(engines_dir).resolve() if engines_dir is not None else None
-    out = Path(out).resolve()
+    out_arg, out = out, Path(out).resolve()
+    check_output(out_arg, "--out", {"export (--onnx)": onnx_dir, "engines (--engines)": engines_dir},
+                 lambda p: (p / MARKER).is_file(), "a model repository written by `qwen3next-trt deploy`", MARKER)
     _, metas = check_sources(onnx_dir, engines_dir)
     if default_max_tokens < 1:
         raise InputError(f"default_max_tokens: must be >= 1, got {default_max_tokens}")
@@ -223,9 +225,6 @@ def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL
         raise InputError(f"batch_window_ms: expected 0 .. 10000, got {batch_window_ms}")
     if instances < 1:
         raise InputError(f"instances: must be >= 1, got {instances}")
-    if out.exists() and not (out / MARKER).exists():
-        if not out.is_dir() or any(out.iterdir()):
-            raise InputError(f"{out}: exists and is not a model repository written by `qwen3next-trt deploy`; choose another --out")
 
     configs = {model_name: python_model_config(model_name, onnx_dir, engines_dir, default_max_tokens, instances, batch_window_ms)}
     for meta in metas:
@@ -234,35 +233,30 @@ def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL
         parse_config(text, f"{out / name / 'config.pbtxt'}")  # a malformed config never reaches a server
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the repository from a server run as another user
-        for name, text in configs.items():
-            (tmp / name / "1").mkdir(parents=True)
-            (tmp / name / "config.pbtxt").write_text(text)
-        shutil.copyfile(TEMPLATE, tmp / model_name / "1" / "model.py")
-        for meta in metas:
-            os.symlink(engines_dir / meta["engine"], tmp / plan_model_name(plan_prefix, meta["graph"]) / "1" / "model.plan")
-        plan_note = ""
-        if metas:
-            plan_note = PLAN_NOTE.format(
-                count=len(metas), prefix=plan_prefix, engines_dir=engines_dir, name=model_name,
-                flavours=", ".join(sorted({f"{m.get('tensorrt', {}).get('flavour', '?')} {m.get('tensorrt', {}).get('version', '?')}" for m in metas})),
-                plugins=", ".join(sorted({p["name"] for m in metas for p in m.get("plugins", [])})) or "none",
-                plain=", ".join(m["graph"] for m in metas if not m.get("plugin_layers")) or "none")
-        engines_note = f" (engines: {engines_dir})" if engines_dir else ""
-        (tmp / "README.md").write_text(README.format(onnx_dir=onnx_dir, name=model_name, out=out, engines_note=engines_note,
-                                                     default_max_tokens=default_max_tokens, plan_note=plan_note))
-        (tmp / MARKER).write_text(json.dumps({"onnx_dir": str(onnx_dir), "engines_dir": str(engines_dir or ""),
-                                              "models": sorted(configs)}, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old.{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged(out) as tmp:
+        _write_into(tmp, out, configs, metas, onnx_dir, engines_dir, model_name, plan_prefix, default_max_tokens)
+    return out
+
+
+def _write_into(tmp: Path, out: Path, configs: dict, metas: list, onnx_dir: Path, engines_dir: Path | None, model_name: str,
+                plan_prefix: str, default_max_tokens: int):
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the repository from a server run as another user
+    for name, text in configs.items():
+        (tmp / name / "1").mkdir(parents=True)
+        (tmp / name / "config.pbtxt").write_text(text)
+    shutil.copyfile(TEMPLATE, tmp / model_name / "1" / "model.py")
+    for meta in metas:
+        os.symlink(engines_dir / meta["engine"], tmp / plan_model_name(plan_prefix, meta["graph"]) / "1" / "model.plan")
+    plan_note = ""
+    if metas:
+        plan_note = PLAN_NOTE.format(
+            count=len(metas), prefix=plan_prefix, engines_dir=engines_dir, name=model_name,
+            flavours=", ".join(sorted({f"{m.get('tensorrt', {}).get('flavour', '?')} {m.get('tensorrt', {}).get('version', '?')}" for m in metas})),
+            plugins=", ".join(sorted({p["name"] for m in metas for p in m.get("plugins", [])})) or "none",
+            plain=", ".join(m["graph"] for m in metas if not m.get("plugin_layers")) or "none")
+    engines_note = f" (engines: {engines_dir})" if engines_dir else ""
+    (tmp / "README.md").write_text(README.format(onnx_dir=onnx_dir, name=model_name, out=out, engines_note=engines_note,
+                                                 default_max_tokens=default_max_tokens, plan_note=plan_note))
+    (tmp / MARKER).write_text(json.dumps({"onnx_dir": str(onnx_dir), "engines_dir": str(engines_dir or ""),
+                                          "models": sorted(configs)}, indent=2))
     return out

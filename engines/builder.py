@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.hashing import file_sha256
+from qwen3next_trt.outputs import check_output, exclusive
 
 from qwen3next_trt.export.manifest import read_manifest
 from qwen3next_trt.progress import Eta
@@ -30,6 +31,22 @@ from . import trt as trt_adapter
 
 METADATA_FORMAT = "qwen3next-trt/engine"
 TIMING_CACHE = "timing.cache"
+# written first into every engines folder: a later build (or --force rebuild) may write into a folder
+# that has it, even one interrupted before its first engine; any other non-empty folder is refused
+MARKER = ".qwen3next-engines"
+
+
+def is_engines_dir(path: Path) -> bool:
+    """An engines folder this tool wrote: its marker, or (folders built before the marker) engine metadata."""
+    if (path / MARKER).is_file():
+        return True
+    for meta in path.glob("*.engine.json"):
+        try:
+            if json.loads(meta.read_text()).get("format") == METADATA_FORMAT:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 @dataclass
@@ -117,6 +134,8 @@ class EngineBuilder:
                  force: bool = False, progress=print, embed_plugins: bool = False):
         self.onnx_dir, self.out_dir = Path(onnx_dir), Path(out_dir)
         self.manifest = read_manifest(self.onnx_dir)
+        check_output(self.out_dir, "--out", {"export (--onnx)": self.onnx_dir}, is_engines_dir,
+                     "an engines folder written by `qwen3next-trt build`", f"{MARKER} or *.engine.json metadata")
         self.graphs = select_graphs(self.manifest, graphs)
         self.limits = limits or Limits()
         if self.limits.max_context > self.manifest["max_positions"]:
@@ -224,9 +243,13 @@ class EngineBuilder:
             raise InputError(f"{onnx_path}: engine build failed: " + " | ".join(log.errors()[-3:] or ["(no message)"]))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(plan)
-        os.replace(tmp, engine_path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(plan)
+            os.replace(tmp, engine_path)
+        except BaseException:  # an interrupt or a full disk mid-write: no half engine left behind
+            tmp.unlink(missing_ok=True)
+            raise
         plugin_layers = sorted(lay["plugin"] for lay in layers if "plugin" in lay)
         meta = {
             "format": METADATA_FORMAT,
@@ -286,9 +309,15 @@ class EngineBuilder:
                              "free space, or give --out on a disk with that much free")
 
     def run(self) -> list[dict]:
-        trt = self.T.trt
         self.check_disk()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.out_dir.resolve(), "--out"):
+            self.out_dir.mkdir(exist_ok=True)
+            (self.out_dir / MARKER).write_text(json.dumps({"format": "qwen3next-trt/engines", "onnx": str(self.onnx_dir.resolve())}))
+            return self._run()
+
+    def _run(self) -> list[dict]:
+        trt = self.T.trt
         cache_path = self.out_dir / TIMING_CACHE
         config = trt.Builder(CaptureLogger(trt).logger).create_builder_config()
         timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")

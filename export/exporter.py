@@ -11,9 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import torch
 import qwen3next_trt
 from qwen3next_trt.tables import text_table
 from qwen3next_trt.errors import InputError
+from qwen3next_trt.outputs import check_output, staged
 from qwen3next_trt.model.config import LINEAR_ATTENTION
 from qwen3next_trt.model.fp8 import PER_TOKEN, SCHEMES, WeightQuantizer
 from qwen3next_trt.model.loader import WeightSource, layer_prefix
@@ -34,7 +33,7 @@ from qwen3next_trt.progress import Eta
 
 from . import graphs as G
 from .custom_ops import CUSTOM_OPS, MS_DOMAIN, TRANSLATION_TABLE
-from .manifest import MANIFEST, MANIFEST_FORMAT
+from .manifest import MANIFEST, MANIFEST_FORMAT, is_export
 from .onnx_files import check_graph, describe_graph, share_weights
 
 OPSET = 23
@@ -295,42 +294,39 @@ class Exporter:
             yield "model", whole, "model", ("prefill", "decode"), None, None, False
 
     def run(self) -> dict:
-        parent = self.out_dir.resolve().parent
+        reader = self.source.reader
+        out = check_output(self.out_dir, "--out", {"checkpoint (--model)": reader.path if reader else None,
+                                                   "--calib-file": self.calib_file},
+                           is_export, "an export", f"{MANIFEST} with format {MANIFEST_FORMAT!r}")
+        parent = out.parent
         parent.mkdir(parents=True, exist_ok=True)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise InputError(f"{self.out_dir}: exists and is not a directory")
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not (self.out_dir / MANIFEST).exists() and not self.force:
-            raise InputError(f"{self.out_dir}: exists and is not an export directory (no {MANIFEST}); refusing to replace it without --force")
         parts = list(self._parts())
         sizes = [self._part_bytes(kind, layer) for _, _, kind, _, layer, _, _ in parts]
         self._check_disk(parent, sizes)
-        work = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=parent))
+        with staged(out) as work:
+            manifest = self._write(work, parts, sizes)
+        return manifest
+
+    def _write(self, work: Path, parts: list, sizes: list[int]) -> dict:
         t0 = time.time()
-        try:
-            if self.activations == "fp8" or self.kv_cache == "fp8":
-                scales = self._calibrate()
-                kv = {n: s for n, s in scales.items() if n.endswith((".self_attn.key", ".self_attn.value"))}
-                if self.activations == "fp8":
-                    self.act_scales = {n: s for n, s in scales.items() if n not in kv}
-                if self.kv_cache == "fp8":
-                    self.kv_scales = kv
-            self.progress(f"[export] {len(parts)} parts of {self.source.describe()} -> {self.out_dir} "
-                          f"({self.dtype_name}, opset {OPSET} + {MS_DOMAIN} 1, max positions {self.max_positions}; "
-                          f"about {_size(sum(sizes))} of weights; traced on the CPU)")
-            eta = Eta(sum(sizes))  # a part's time grows with its weights: ETA by bytes, not by part count
-            for (group, build, kind, modes, layer, layer_type, moe), size in zip(parts, sizes):
-                t_part = time.time()
-                module = build()
-                self._export_group(work, group, module, kind, modes, layer, layer_type, moe, t0=t_part, eta=(eta, size))
-                del module
-            manifest = self._manifest(time.time() - t0)
-            (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if self.out_dir.exists():
-                shutil.rmtree(self.out_dir)
-            os.replace(work, self.out_dir)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        if self.activations == "fp8" or self.kv_cache == "fp8":
+            scales = self._calibrate()
+            kv = {n: s for n, s in scales.items() if n.endswith((".self_attn.key", ".self_attn.value"))}
+            if self.activations == "fp8":
+                self.act_scales = {n: s for n, s in scales.items() if n not in kv}
+            if self.kv_cache == "fp8":
+                self.kv_scales = kv
+        self.progress(f"[export] {len(parts)} parts of {self.source.describe()} -> {self.out_dir} "
+                      f"({self.dtype_name}, opset {OPSET} + {MS_DOMAIN} 1, max positions {self.max_positions}; "
+                      f"about {_size(sum(sizes))} of weights; traced on the CPU)")
+        eta = Eta(sum(sizes))  # a part's time grows with its weights: ETA by bytes, not by part count
+        for (group, build, kind, modes, layer, layer_type, moe), size in zip(parts, sizes):
+            t_part = time.time()
+            module = build()
+            self._export_group(work, group, module, kind, modes, layer, layer_type, moe, t0=t_part, eta=(eta, size))
+            del module
+        manifest = self._manifest(time.time() - t0)
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
         return manifest
 
     # -- calibration and disk space -----------------------------------------------------------------

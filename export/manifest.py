@@ -23,3 +23,12 @@ def read_manifest(onnx_dir: str | Path) -> dict:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise InputError(f"{path}: field 'format': expected {MANIFEST_FORMAT!r}, got {got!r}")
     return manifest
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether `path` holds an export written by this tool: its manifest's `format` says so (a
+    folder that merely has some manifest.json is not ours to replace)."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -167,7 +167,21 @@ class CheckpointReader:
                     f"{self.file_of(name)}: tensor '{name}' is {t.dtype}: expected float32, bfloat16 or float16"
                     + (" (or float8_e4m3fn with a weight_scale_inv)" if t.dtype == FP8_DTYPE else "")
                 )
+        _check_finite(t, name, self.file_of(name))
         return t.to(dtype) if dtype is not None else t
+
+
+def _check_finite(t: torch.Tensor, name: str, f: Path) -> None:
+    """A NaN/Inf weight turns every activation after it into NaN, far from the cause: stop at the
+    tensor. A sum is finite only if every term is (NaN and Inf propagate), and it is one vectorised
+    reduction: 0.11 s for 1.6 GB of bf16 on two cores, where isfinite(t).all() took 5.1 s (NOTES.md).
+    Only a sum that overflowed or hit a real NaN/Inf pays for the exact check."""
+    if t.numel() == 0 or torch.isfinite(t.sum()) or torch.isfinite(t).all():
+        return
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    first = tuple(int(i) for i in (~torch.isfinite(t)).nonzero()[0])
+    raise InputError(f"{f}: {name}: contains NaN/Inf ({nan} NaN, {inf} Inf of {t.numel()} values; first at {first}): "
+                     "expected finite weights")
 
 
 def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128)) -> torch.Tensor:

@@ -8,11 +8,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
-from qwen3next_trt.errors import InputError, ToleranceError
+from qwen3next_trt.errors import InputError, Interrupted, NumericalError, ToleranceError
+
+
+# -- flag values, checked where they are parsed ----------------------------------------------------
+# argparse names the flag in its message; `_OneLineParser.error` turns that into the project's one line.
+
+def _int_at_least(lo: int, what: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}{what}, got {text!r}")
+        return value
+    return parse
+
+
+def _int_range(lo: int, hi: int, what: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number {lo}..{hi}{what}, got {text!r}")
+        return value
+    return parse
+
+
+def _float_at_least(lo: float, what: str = ""):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= lo):
+            raise argparse.ArgumentTypeError(f"expected a finite number >= {lo:g}{what}, got {text!r}")
+        return value
+    return parse
+
+
+def _spec(text: str) -> str:
+    """A selection such as --layers / --graphs: an empty one used to mean 'all', silently."""
+    if not text.strip().strip(","):
+        raise argparse.ArgumentTypeError(f"expected 'all' or a comma list, got {text!r} (empty)")
+    return text
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # argparse's own wording ("argument --x: ...") after the usage block would be two lines or more
+        flag, sep, rest = message.partition(": ")
+        if sep and flag.startswith("argument "):
+            message = f"{flag[len('argument '):].split('/')[0]}: {rest}"
+        self.exit(2, f"error: {message}\n")
 
 
 def _gib(n: float) -> str:
@@ -103,7 +161,13 @@ def cmd_random_checkpoint(args) -> int:
 
     from qwen3next_trt.model import random_model, resolve_config, save_model
 
+    from qwen3next_trt.outputs import refuse_overlap
+
     cfg = resolve_config(args.model)
+    src = Path(args.model)
+    if src.is_dir() and any(src.glob("*.safetensors")):
+        # a folder with only a config.json may receive its weights; one with weights must not lose them
+        refuse_overlap(args.out, "--out", {"checkpoint (--model)": src})
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     out = save_model(random_model(cfg, seed=args.seed, dtype=dtype), args.out, max_shard_bytes=args.shard_mb * 2**20)
     print(f"wrote {out} ({args.model}, seed {args.seed}, {args.dtype})")
@@ -287,9 +351,9 @@ def cmd_deploy(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen3next-trt", description=__doc__.splitlines()[0])
+    p = _OneLineParser(prog="qwen3next-trt", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     s = sub.add_parser("info", help="config summary, parameter counts, memory, layer plan")
     s.add_argument("--model", required=True, help="preset (tiny, qwen3-next-80b-a3b) or checkpoint directory")
@@ -297,10 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("parity", help="reference vs transformers on one checkpoint (logits, cached decode, greedy)")
     s.add_argument("--model", required=True, help="checkpoint directory (or 'tiny': a seeded random one)")
-    s.add_argument("--tokens", type=int, default=100, help="sequence length of the random tokens (default 100)")
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--generate", type=int, default=24, help="greedy tokens to compare (default 24)")
-    s.add_argument("--atol", type=float, default=1e-4, help="max abs logits error allowed (default 1e-4)")
+    s.add_argument("--tokens", type=_int_at_least(2), default=100, help="sequence length of the random tokens (default 100)")
+    s.add_argument("--batch", type=_int_at_least(1), default=1)
+    s.add_argument("--generate", type=_int_at_least(1), default=24, help="greedy tokens to compare (default 24)")
+    s.add_argument("--atol", type=_float_at_least(0), default=1e-4, help="max abs logits error allowed (default 1e-4)")
     s.add_argument("--json", help="also write the report as JSON here")
     s.set_defaults(fn=cmd_parity)
 
@@ -308,10 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="preset (tiny, qwen3-next-80b-a3b: seeded random weights) or checkpoint directory")
     s.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier export)")
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="activation and weight dtype (DeltaNet state stays float32)")
-    s.add_argument("--layers", default="all", help="'all', or e.g. '0,3', '0-7,final', 'embed,final,mtp,model'")
-    s.add_argument("--max-positions", type=int, help="RoPE table length (default: min(max_position_embeddings, 65536))")
+    s.add_argument("--layers", type=_spec, default="all", help="'all', or e.g. '0,3', '0-7,final', 'embed,final,mtp,model'")
+    s.add_argument("--max-positions", type=_int_at_least(1), help="RoPE table length (default: min(max_position_embeddings, 65536))")
     s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
-    s.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier export")
+    s.add_argument("--force", action="store_true", help="kept for old scripts: an earlier export is replaced anyway, and no other "
+                   "non-empty folder ever is (nor one that is, holds or is inside the checkpoint)")
     s.add_argument("--precision", choices=("none", "fp8"), default="none",
                    help="fp8: linear weights as FP8 E4M3 + scales (DequantizeLinear in the graph); an FP8 checkpoint's own bytes are kept")
     s.add_argument("--fp8-weights", choices=("block", "channel"), default="block",
@@ -332,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("calibrate", help="FP8 activation / KV-cache scales into a calibration file, layer by layer (resumable)")
     s.add_argument("--model", required=True, help="preset (seeded random weights) or checkpoint directory")
     s.add_argument("--out", required=True, help="calibration file (JSON); if it exists, its finished layers are reused")
-    s.add_argument("--layers", default="all", help="'all' (every layer + mtp), or layer numbers / ranges, and 'mtp' (e.g. 0-23, 24-47,mtp)")
+    s.add_argument("--layers", type=_spec, default="all", help="'all' (every layer + mtp), or layer numbers / ranges, and 'mtp' (e.g. 0-23, 24-47,mtp)")
     s.add_argument("--device", default="cpu", help="cpu (float32) or cuda[:N] (bf16, ranges in float32)")
     s.add_argument("--draw", choices=("cpu", "device"), default="cpu",
                    help="a preset's random weights: drawn on the CPU (the weights an export of the preset has) or on "
@@ -349,17 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engines", help="engines directory for --backend tensorrt")
     s.add_argument("--model", help="weights to use instead of the manifest's source (e.g. a moved checkpoint)")
     s.add_argument("--report", help="report directory (default: ONNX_DIR/validation)")
-    s.add_argument("--generate", type=int, default=24, help="greedy tokens of the end-to-end loop (default 24)")
+    s.add_argument("--generate", type=_int_at_least(1), default=24, help="greedy tokens of the end-to-end loop (default 24)")
     s.set_defaults(fn=cmd_validate)
 
     s = sub.add_parser("build", help="compile the exported ONNX graphs into TensorRT engines")
     s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
     s.add_argument("--out", required=True, help="engines directory")
-    s.add_argument("--graphs", default="all", help="'all' or a comma list of graph names / groups (layer_03, final, model.prefill)")
-    s.add_argument("--max-batch", type=int, default=4)
-    s.add_argument("--max-seq", type=int, default=256, help="longest prefill chunk")
-    s.add_argument("--max-context", type=int, default=4096, help="longest past (KV cache) length")
-    s.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
+    s.add_argument("--graphs", type=_spec, default="all", help="'all' or a comma list of graph names / groups (layer_03, final, model.prefill)")
+    s.add_argument("--max-batch", type=_int_at_least(1), default=4)
+    s.add_argument("--max-seq", type=_int_at_least(1), default=256, help="longest prefill chunk")
+    s.add_argument("--max-context", type=_int_at_least(1), default=4096, help="longest past (KV cache) length")
+    s.add_argument("--opt-level", type=_int_range(0, 5), default=3, help="builder optimization level 0..5")
     s.add_argument("--trt", choices=("auto", "tensorrt", "tensorrt_rtx"), default="auto")
     s.add_argument("--compute-capability", help="TensorRT-RTX targets, e.g. SM80,SM89,SM120 (default)")
     s.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
@@ -378,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--onnx", required=True, help="an export made with --precision fp8")
     s.add_argument("--model", help="weights to use instead of the manifest's source")
     s.add_argument("--report", help="report directory (default: ONNX_DIR/quality)")
-    s.add_argument("--tokens", type=int, default=128, help="tokens per sequence for the logit metrics")
+    s.add_argument("--tokens", type=_int_at_least(2), default=128, help="tokens per sequence for the logit metrics")
     s.set_defaults(fn=cmd_quality)
 
     s = sub.add_parser("generate", help="generate tokens through the exported graphs (runtime/): batching, sampling, streaming, MTP")
@@ -388,15 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", default=[], help="a text prompt (needs --model with tokenizer.json); repeatable")
     s.add_argument("--prompt-ids", action="append", default=[], help="comma-separated token ids; repeat for a batch")
     s.add_argument("--prompt-bytes", action="append", default=[], help="a prompt as UTF-8 bytes (token = byte, as in bench/train_tiny.py)")
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--max-new-tokens", type=_int_at_least(1), default=32)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", help="comma-separated stop token ids")
-    s.add_argument("--mtp", type=int, default=0, help="MTP speculative decoding with K draft tokens (1..4; greedy)")
+    s.add_argument("--mtp", type=_int_range(0, 4), default=0, help="MTP speculative decoding with K draft tokens (1..4; greedy)")
     s.add_argument("--stream", action="store_true", help="print every token as it is produced")
-    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    s.add_argument("--prefill-chunk", type=int, help="prefill long prompts in chunks of this many tokens")
+    s.add_argument("--threads", type=_int_at_least(1), help="ONNX Runtime intra-op threads")
+    s.add_argument("--prefill-chunk", type=_int_at_least(1), help="prefill long prompts in chunks of this many tokens")
     s.add_argument("--json", help="write tokens and stats here")
     s.set_defaults(fn=cmd_generate)
 
@@ -404,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
     s.add_argument("--engines", help="engines directory: the runtime model runs them, and each gets a tensorrt_plan entry")
     s.add_argument("--out", required=True, help="repository directory (replaced if it holds an earlier repository)")
-    s.add_argument("--max-tokens", type=int, default=16, help="default max_tokens of a request")
-    s.add_argument("--instances", type=int, default=1, help="model instances (CPU processes)")
+    s.add_argument("--max-tokens", type=_int_at_least(1), default=16, help="default max_tokens of a request")
+    s.add_argument("--instances", type=_int_at_least(1), default=1, help="model instances (CPU processes)")
     s.add_argument("--batch-window-ms", type=int, default=10, help="how long the model gathers greedy requests into one batch")
     s.set_defaults(fn=cmd_deploy)
 
@@ -414,20 +479,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    s.add_argument("--shard-mb", type=int, default=1024)
+    s.add_argument("--shard-mb", type=_int_at_least(1, " (MiB per shard)"), default=1024)
     s.set_defaults(fn=cmd_random_checkpoint)
     return p
 
 
+def _raise_interrupted(signum, frame):
+    # the first signal stops the command; more while it cleans up would cut the cleanup short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Python's default SIGTERM ends the process without unwinding, so no cleanup would run; signal
+    # handlers can be set only from the main thread (the tests also run commands in threads)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.fn(args)
-    except (InputError, ToleranceError) as e:
+    except (InputError, ToleranceError, NumericalError) as e:
         if args.debug:
             raise
-        print(f"error: {e}" if isinstance(e, InputError) else str(e), file=sys.stderr)
+        print(str(e) if isinstance(e, ToleranceError) else f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Interrupted as e:
+        if args.debug:
+            raise
+        out = getattr(args, "out", None)
+        print(f"interrupted: {signal.Signals(e.signum).name}: {args.command} stopped"
+              + (f"; no partial files left beside {out}" if out else ""), file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

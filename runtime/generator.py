@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3next_trt.errors import InputError
+from qwen3next_trt.errors import InputError, NumericalError
 
 from .graphs import GraphModel, engine_factory, onnxrt_factory
 from .sampling import SamplingParams, choose
@@ -168,12 +168,25 @@ class _Run:
         self.done[r] = token in self.stop or self.produced[r] >= self.max_new
         return TokenEvent(r, int(token), bool(self.done[r]), logits.copy() if self.keep_logits else None)
 
+    def _check_finite(self, logits: np.ndarray, rows) -> None:
+        """logits [n, T, V] (or [n, V]) of `rows`. NaN logits would pass argmax as token 0 and break
+        sampling's probabilities, so stop here and say where."""
+        if np.isfinite(logits).all():
+            return
+        flat = logits.reshape(len(rows), -1)
+        j = int(np.flatnonzero(~np.isfinite(flat).all(1))[0])
+        raise NumericalError(
+            f"{self.m.dir}: logits of request {int(rows[j])} are not finite ({int((~np.isfinite(flat[j])).sum())} NaN/Inf values) "
+            f"after {int(self.produced[rows[j]])} generated token(s): the export ({self.m.manifest.get('dtype')}) overflows or "
+            "its weights hold NaN/Inf; stopped instead of emitting a token")
+
     def _active(self) -> np.ndarray:
         return np.flatnonzero(~self.done)
 
     def events(self) -> Iterator[TokenEvent]:
         t0 = time.perf_counter()
         last_logits, prompt_normed = self._prefill()
+        self._check_finite(last_logits, np.arange(len(self.prompts)))
         for r in range(len(self.prompts)):
             self.pending[r] = choose(last_logits[r], self.sampling, self.rngs[r])
         self.stats.time_to_first_token_s = time.perf_counter() - t0
@@ -216,6 +229,7 @@ class _Run:
             rows = self._active()
             self.store.mask[rows, self.L] = True
             logits, _, _ = self.m.forward(self.pending[rows][:, None], self.store, rows, self.pos[rows][:, None], (0, self.L), "decode")
+            self._check_finite(logits[:, -1], rows)
             self.L += 1
             self.pos[rows] += 1
             self.stats.main_passes += 1
@@ -247,6 +261,7 @@ class _Run:
             logits, normed, kept = m.forward(ids, store, rows, positions, (0, self.L), "prefill", keep_linear_inputs=True)
             self.stats.main_passes += 1
             self.stats.row_passes += n
+            self._check_finite(logits, rows)
             targets = logits.argmax(-1)
             accepted = np.cumprod(D == targets[:, :k], axis=1).sum(1)
             for j in range(k):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwen3next_trt.outputs import refuse_overlap
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.tables import text_table
 from qwen3next_trt.model.fp8 import fake_quantize_, fake_quantize_activations_, fake_quantize_kv_
@@ -144,6 +145,10 @@ class Validator:
         self.backend, self.model_override, self.generate = backend, model, generate
         self.notes: list[str] = []
         self.report_dir = Path(report_dir) if report_dir else self.dir / "validation"
+        if report_dir and self.report_dir.resolve() != (self.dir / "validation").resolve():
+            # the default folder inside the export is the one place inside an input a report may go
+            refuse_overlap(self.report_dir, "--report", {"export (--onnx)": self.dir, "engines (--engines)": self.engines,
+                                                         "checkpoint (--model)": model if model and Path(model).is_dir() else None})
         self.progress = progress
         self.tol = TOLERANCES[self.manifest["dtype"]]
         check_files(self.dir, self.manifest)
