@@ -111,7 +111,9 @@ def test_unknown_graph_and_target(tiny_export, tmp_path, capsys):
 
 
 def fake_export(tmp_path, node, inputs, outputs):
-    """A one-node export directory with a manifest, for the parser's error paths."""
+    """A one-node export directory (tmp_path/onnx) with a manifest, for the parser's error paths."""
+    tmp_path = tmp_path / "onnx"  # beside, not around, the engines folder the tests build into
+    tmp_path.mkdir()
     graph = helper.make_graph([node], "g", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
