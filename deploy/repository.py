@@ -23,46 +23,24 @@ from pathlib import Path
 
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.outputs import check_output, staged
-from qwen3next_trt.export.manifest import read_manifest as read_export_manifest
+from qwen3next_trt.engines.metadata import check_engine_source, read_engine_meta
+from qwen3next_trt.export.manifest import Manifest
 
 MODEL_NAME = "qwen3next"
 MARKER = ".qwen3next-repository"   # lets a later `deploy` replace a repository it wrote, and nothing else
 TEMPLATE = Path(__file__).with_name("triton_model.py")
 
-# Graphs the generation loop runs; the stitched `model.*` graphs and the MTP head are optional.
-def required_graphs(manifest: dict) -> list[str]:
-    n = manifest["config"]["num_hidden_layers"]
-    return ["embed", "final"] + [f"layer_{i:02d}.{m}" for i in range(n) for m in ("prefill", "decode")]
-
-
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                  "int32": "TYPE_INT32", "int8": "TYPE_INT8", "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8"}
 
 
-def read_manifest(onnx_dir) -> dict:
-    manifest = read_export_manifest(onnx_dir)
-    path = Path(onnx_dir) / "manifest.json"
-    try:
-        graphs = {g["name"]: g for g in manifest["graphs"]}
-        required_graphs(manifest)
-    except (KeyError, TypeError) as e:
-        raise InputError(f"{path}: not a qwen3next-trt manifest ({type(e).__name__}: {e})") from None
-    manifest["_by_name"] = graphs
-    return manifest
-
-
-def check_sources(onnx_dir, engines_dir=None) -> tuple[dict, list[dict]]:
-    """(manifest, engine metadata list); InputError naming the first missing graph, weights or engine file."""
-    onnx_dir = Path(onnx_dir)
-    manifest = read_manifest(onnx_dir)
-    by_name = manifest["_by_name"]
-    for name in required_graphs(manifest):
-        if name not in by_name:
-            raise InputError(f"{onnx_dir / 'manifest.json'}: graph {name!r} missing (generation needs embed, final and every layer's prefill and decode graph)")
-    for g in manifest["graphs"]:
-        for key in ("file", "weights"):
-            if g.get(key) and not (onnx_dir / g[key]).is_file():
-                raise InputError(f"{onnx_dir / g[key]}: missing ({key} of graph {g['name']!r} in manifest.json)")
+def check_sources(onnx_dir, engines_dir=None) -> tuple[Manifest, list[dict]]:
+    """(manifest, engine metadata list) after checking what serving needs: every graph generation runs
+    (Manifest.generation_graphs) with its files matching the manifest's hashes, and, with engines, one
+    engine per such graph, built from that very graph and weights. InputError naming the first failure."""
+    manifest = Manifest.load(onnx_dir)
+    needed = [manifest.graph(n) for n in manifest.generation_graphs()]
+    manifest.verify(needed)
     if engines_dir is None:
         return manifest, []
     engines_dir = Path(engines_dir)
@@ -70,19 +48,17 @@ def check_sources(onnx_dir, engines_dir=None) -> tuple[dict, list[dict]]:
         raise InputError(f"{engines_dir}: engines directory missing (run `qwen3next-trt build` first)")
     metas = []
     for meta_path in sorted(engines_dir.glob("*.engine.json")):
-        try:
-            meta = json.loads(meta_path.read_text())
-            meta["graph"], meta["engine"], meta["inputs"], meta["outputs"]
-        except (ValueError, KeyError) as e:
-            raise InputError(f"{meta_path}: not engine metadata written by `qwen3next-trt build` ({type(e).__name__}: {e})") from None
+        meta = read_engine_meta(meta_path)
+        if not manifest.has(meta["graph"]):
+            raise InputError(f"{meta_path}: an engine for graph {meta['graph']!r}, which {manifest.path} does not list "
+                             "(engines of another export?)")
+        check_engine_source(meta, meta_path, manifest, manifest.graph(meta["graph"]))
         metas.append(meta)
     have = {m["graph"] for m in metas}
-    for name in required_graphs(manifest):
-        if name not in have:
-            raise InputError(f"{engines_dir / (name + '.engine')}: missing (no engine for graph {name!r}; run `qwen3next-trt build --onnx {onnx_dir} --out {engines_dir}`)")
-    for meta in metas:
-        if not (engines_dir / meta["engine"]).is_file():
-            raise InputError(f"{engines_dir / meta['engine']}: missing (listed by {meta['graph']}.engine.json)")
+    for rec in needed:
+        if rec.name not in have:
+            raise InputError(f"{engines_dir / (rec.name + '.engine')}: missing (no engine for graph {rec.name!r}; "
+                             f"run `qwen3next-trt build --onnx {onnx_dir} --out {engines_dir}`)")
     return manifest, metas
 
 
@@ -198,11 +174,12 @@ They load only where:
   were built by {flavours}; Triton's backend links full TensorRT, which cannot load TensorRT-RTX plans:
   rebuild with `qwen3next-trt build --trt tensorrt` on the serving host);
 - the plugins the graphs use ({plugins}) are in the server's process. TensorRT's backend loads plugin
-  libraries named at start: `tritonserver --backend-config=tensorrt,plugins="/path/libq3n_plugins.so"`
-  (several separated by `;`), or `LD_PRELOAD=/path/libq3n_plugins.so tritonserver ...`. The project's
-  plugins are Python IPluginV3 classes today (engines/README.md); a C++ plugin library with the same
-  kernels is needed for this and is not built yet, so the graphs with plugin layers cannot load in
-  Triton's TensorRT backend until it exists. Graphs without plugin layers: {plain}.
+  libraries named at start: `tritonserver --backend-config=tensorrt,plugins="/path/libqwen3next_trt_plugins.so"`
+  (several separated by `;`), or `LD_PRELOAD=/path/libqwen3next_trt_plugins.so tritonserver ...`. The project's
+  C++ plugin library is `libqwen3next_trt_plugins.so` (`qwen3next-trt plugin-library` prints its path);
+  build it on the serving host against that host's TensorRT headers. Serving these entries through
+  Triton's TensorRT backend has not been run here (no TensorRT that runs on Hopper is reachable).
+  Graphs without plugin layers: {plain}.
 """
 
 

@@ -1,1 +1,1 @@
-"""engines/: compiles the exported ONNX into TensorRT engines (planned: issue 5)."""
+"""engines/: compiles the exported ONNX into TensorRT engines (engines/README.md)."""

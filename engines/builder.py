@@ -21,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3next_trt.errors import InputError
-from qwen3next_trt.hashing import file_sha256
 from qwen3next_trt.outputs import check_output, exclusive
 
-from qwen3next_trt.export.manifest import read_manifest
+from qwen3next_trt.export.manifest import GraphRecord, Manifest
 from qwen3next_trt.progress import Eta
 
 from . import trt as trt_adapter
+from .metadata import METADATA_FORMAT, read_engine_meta
 
-METADATA_FORMAT = "qwen3next-trt/engine"
 TIMING_CACHE = "timing.cache"
 # written first into every engines folder: a later build (or --force rebuild) may write into a folder
 # that has it, even one interrupted before its first engine; any other non-empty folder is refused
@@ -67,18 +66,6 @@ class Limits:
         if dim == "past":
             return 0, min(self.max_context // 2, 1024), self.max_context - 1
         raise InputError(f"unknown symbolic dim {dim!r} in the manifest")
-
-
-def select_graphs(manifest: dict, spec: str | None) -> list[dict]:
-    graphs = manifest["graphs"]
-    if spec in (None, "", "all"):
-        return graphs
-    wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    chosen = [g for g in graphs if any(g["name"] == w or g["name"].startswith(w + ".") for w in wanted)]
-    missing = [w for w in wanted if not any(g["name"] == w or g["name"].startswith(w + ".") for g in graphs)]
-    if missing:
-        raise InputError(f"--graphs {spec!r}: no graph named {missing[0]!r} in the manifest (have e.g. {graphs[0]['name']})")
-    return chosen
 
 
 class CaptureLogger:
@@ -133,22 +120,22 @@ class EngineBuilder:
                  optimization_level: int = 3, flavour: str = "auto", compute_capabilities: list[str] | None = None,
                  force: bool = False, progress=print, embed_plugins: bool = False):
         self.onnx_dir, self.out_dir = Path(onnx_dir), Path(out_dir)
-        self.manifest = read_manifest(self.onnx_dir)
+        self.manifest = Manifest.load(self.onnx_dir)
         check_output(self.out_dir, "--out", {"export (--onnx)": self.onnx_dir}, is_engines_dir,
                      "an engines folder written by `qwen3next-trt build`", f"{MARKER} or *.engine.json metadata")
-        self.graphs = select_graphs(self.manifest, graphs)
+        self.graphs = self.manifest.select(None if graphs == "all" else graphs)
         self.limits = limits or Limits()
-        if self.limits.max_context > self.manifest["max_positions"]:
-            raise InputError(f"--max-context {self.limits.max_context}: the export's RoPE table holds {self.manifest['max_positions']} positions")
+        if self.limits.max_context > self.manifest.max_positions:
+            raise InputError(f"--max-context {self.limits.max_context}: the export's RoPE table holds {self.manifest.max_positions} positions")
         if not 0 <= optimization_level <= 5:
             raise InputError(f"--opt-level {optimization_level}: expected 0..5")
         self.optimization_level, self.force, self.progress = optimization_level, force, progress
         self.T = trt_adapter.load(flavour)
-        fp8 = self.manifest.get("weights_precision", {}).get("format") == "float8e4m3fn"
-        if self.T.flavour == "tensorrt_rtx" and self.manifest.get("activation_precision", {}).get("scales") == "per-token":
+        fp8 = self.manifest.precision.weights.fp8
+        if self.T.flavour == "tensorrt_rtx" and self.manifest.precision.activations.dynamic:
             # measured 2026-11-29 with 1.7.1.116: every layer graph fails in Myelin (CHECK(is_constant()))
             # where a run-time activation scale meets an FP8 weight; a lone Q/DQ -> MatMul does build
-            raise InputError(f"{self.onnx_dir / 'manifest.json'}: activation_precision: dynamic per-token FP8 scales, which "
+            raise InputError(f"{self.manifest.path}: activation_precision: dynamic per-token FP8 scales, which "
                              f"TensorRT-RTX {self.T.version} cannot compile into FP8 GEMMs (its Myelin compiler wants constant "
                              "Q/DQ scales); export with --activations fp8 (static, calibrated) for TensorRT-RTX engines")
         if self.T.ahead_of_time and compute_capabilities is None:
@@ -172,34 +159,38 @@ class EngineBuilder:
         self.plugin_source_hash = self.plugin_library["source_sha256"]
 
     # -- one graph -------------------------------------------------------------------------------
-    def _profile(self, record: dict) -> dict[str, dict[str, list[int]]]:
+    def _profile(self, record: GraphRecord) -> dict[str, dict[str, list[int]]]:
         profile = {}
-        for p in record["inputs"]:
-            if not any(isinstance(d, str) for d in p["shape"]):
+        for p in record.inputs:
+            if not p.dynamic:
                 continue
             lo, opt, hi = [], [], []
-            for d in p["shape"]:
-                r = (d, d, d) if isinstance(d, int) else self.limits.ranges(d, record["mode"])
+            for d in p.shape:
+                r = (d, d, d) if isinstance(d, int) else self.limits.ranges(d, record.mode)
                 lo.append(r[0]), opt.append(r[1]), hi.append(r[2])
-            profile[p["name"]] = {"min": lo, "opt": opt, "max": hi}
+            profile[p.name] = {"min": lo, "opt": opt, "max": hi}
         return profile
 
-    def _key(self, record: dict, profile: dict, weights_sha: str, onnx_sha: str) -> str:
+    def _key(self, record: GraphRecord, profile: dict, weights_sha: str, onnx_sha: str) -> str:
         parts = [onnx_sha, weights_sha, self.T.flavour, self.T.version, self.plugin_library["sha256"], json.dumps(profile, sort_keys=True),
                  ",".join(self.cc_names), str(self.optimization_level), f"embed={self.embed_plugins}"]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
-    def build_one(self, record: dict, weights_sha: str, timing_cache) -> tuple[dict, bool]:
+    def build_one(self, record: GraphRecord, timing_cache) -> tuple[dict, bool]:
         trt = self.T.trt
-        onnx_path = self.onnx_dir / record["file"]
-        engine_path = self.out_dir / f"{record['name']}.engine"
+        onnx_path = self.onnx_dir / record.file
+        engine_path = self.out_dir / f"{record.name}.engine"
         meta_path = engine_path.with_name(engine_path.name + ".json")
         profile = self._profile(record)
-        onnx_sha = file_sha256(onnx_path)
+        # the files were verified against these hashes before the build (Manifest.verify)
+        onnx_sha, weights_sha = record.sha256, self.manifest.weights[record.weights].sha256
         key = self._key(record, profile, weights_sha, onnx_sha)
         if not self.force and engine_path.exists() and meta_path.exists():
-            old = json.loads(meta_path.read_text())
-            if old.get("cache_key") == key:
+            try:
+                old = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                old = {}  # unreadable metadata: rebuild
+            if isinstance(old, dict) and old.get("cache_key") == key:
                 return old, False
 
         log = CaptureLogger(trt)
@@ -253,11 +244,11 @@ class EngineBuilder:
         plugin_layers = sorted(lay["plugin"] for lay in layers if "plugin" in lay)
         meta = {
             "format": METADATA_FORMAT,
-            "graph": record["name"], "kind": record["kind"], "mode": record["mode"], "layer": record.get("layer"),
+            "graph": record.name, "kind": record.kind.value, "mode": record.mode, "layer": record.layer,
             "engine": engine_path.name, "engine_bytes": engine_path.stat().st_size,
             "onnx": str(onnx_path), "onnx_sha256": onnx_sha, "weights_sha256": weights_sha,
             "tensorrt": {"flavour": self.T.flavour, "version": self.T.version},
-            "profiles": [profile], "inputs": record["inputs"], "outputs": record["outputs"],
+            "profiles": [profile], "inputs": [p.to_json() for p in record.inputs], "outputs": [p.to_json() for p in record.outputs],
             "plugins": [{"name": n, "version": "1", "namespace": ""} for n in self.plugins],
             "plugin_layers": plugin_layers,
             "plugin_library_source_sha256": self.plugin_source_hash,
@@ -279,17 +270,9 @@ class EngineBuilder:
         os.replace(tmp, meta_path)
         return meta, True
 
-    def weights_bytes(self, record: dict) -> int:
-        """Bytes of a graph's weights file (what its engine will hold): as the manifest records them, else
-        as on disk; 0 for a graph without one."""
-        name = record.get("weights")
-        if not name:
-            return 0
-        known = self.manifest.get("weights", {}).get(name, {}).get("bytes")
-        if known is not None:
-            return int(known)
-        path = self.onnx_dir / name
-        return path.stat().st_size if path.is_file() else 0
+    def weights_bytes(self, record: GraphRecord) -> int:
+        """Bytes of a graph's weights file (what its engine will hold), as the manifest records them."""
+        return self.manifest.weights[record.weights].bytes
 
     def check_disk(self):
         """An engine holds its graph's weights: at 80B layer 0 (FP8 weights, bf16) the prefill and the
@@ -297,7 +280,7 @@ class EngineBuilder:
         without an engine yet needs about its weights file again, plus the largest once more for the
         temporary file an engine is written to."""
         sizes = [self.weights_bytes(g) for g in self.graphs]
-        missing = [b for g, b in zip(self.graphs, sizes) if not (self.out_dir / f"{g['name']}.engine").exists()]
+        missing = [b for g, b in zip(self.graphs, sizes) if not (self.out_dir / f"{g.name}.engine").exists()]
         need = int((sum(missing) + max(sizes, default=0)) * 1.05) + (64 << 20)
         probe = self.out_dir if self.out_dir.exists() else self.out_dir.resolve().parent
         while not probe.exists():
@@ -309,6 +292,7 @@ class EngineBuilder:
                              "free space, or give --out on a disk with that much free")
 
     def run(self) -> list[dict]:
+        self.manifest.verify(self.graphs, self.progress)
         self.check_disk()
         self.out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
         with exclusive(self.out_dir.resolve(), "--out"):
@@ -325,17 +309,13 @@ class EngineBuilder:
         where = "CPU, ahead of time" if self.T.ahead_of_time else "GPU"
         self.progress(f"[build] {len(self.graphs)} graphs with {self.T.flavour} {self.T.version} on {where} for {targets}; "
                       f"plugins {', '.join(self.plugins)}")
-        weights_sha: dict[str, str] = {}
         results = []
         # ETA by weight bytes: a layer graph of the 80B model takes minutes, a norm graph seconds
         sizes = [self.weights_bytes(g) for g in self.graphs]
         eta = Eta(sum(sizes))
         for i, record in enumerate(self.graphs, 1):
             t0 = time.time()
-            w = record["weights"]
-            if w not in weights_sha:
-                weights_sha[w] = file_sha256(self.onnx_dir / w)
-            meta, built = self.build_one(record, weights_sha[w], timing_cache)
+            meta, built = self.build_one(record, timing_cache)
             results.append(meta)
             status = "built" if built else "up to date"
             if built:
@@ -345,7 +325,7 @@ class EngineBuilder:
                 progress = ""
             names = meta["plugin_layers"]
             plugins = ", ".join(f"{n}" + (f" x{names.count(n)}" if names.count(n) > 1 else "") for n in sorted(set(names))) or "-"
-            self.progress(f"[build] {i}/{len(self.graphs)} {record['name']:<18} {status:<10} {len(meta['layers']):>4} layers  "
+            self.progress(f"[build] {i}/{len(self.graphs)} {record.name:<18} {status:<10} {len(meta['layers']):>4} layers  "
                           f"{meta['engine_bytes'] / 2**20:8.1f} MiB  {time.time() - t0:6.1f} s  plugins: {plugins}"
                           + (f"  {progress}" if progress else ""))
         serialized = timing_cache.serialize()
@@ -358,16 +338,12 @@ class EngineBuilder:
 def inspect_path(path: str | Path) -> str:
     """Metadata and layer list of one engine, or a table of every engine in a directory."""
     path = Path(path)
-    metas = []
     if path.is_dir():
-        metas = [json.loads(p.read_text()) for p in sorted(path.glob("*.engine.json"))]
+        metas = [read_engine_meta(p) for p in sorted(path.glob("*.engine.json"))]
         if not metas:
             raise InputError(f"{path}: no *.engine.json files (not an engines directory)")
     else:
-        meta_path = path if path.name.endswith(".engine.json") else path.with_name(path.name + ".json")
-        if not meta_path.is_file():
-            raise InputError(f"{meta_path}: engine metadata not found")
-        metas = [json.loads(meta_path.read_text())]
+        metas = [read_engine_meta(path)]
     lines = []
     if len(metas) > 1:
         lines.append(f"{'engine':<22}{'layers':>7}{'MiB':>9}  {'TensorRT':<24}targets; plugin layers")

@@ -8,8 +8,6 @@ states are; later stages read it and nothing else.
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import shutil
 import time
@@ -29,16 +27,17 @@ from qwen3next_trt.model.config import LINEAR_ATTENTION
 from qwen3next_trt.model.fp8 import PER_TOKEN, SCHEMES, WeightQuantizer
 from qwen3next_trt.model.loader import WeightSource, layer_prefix
 from qwen3next_trt.model.stats import export_part_bytes, model_stats
+from qwen3next_trt.hashing import file_sha256
 from qwen3next_trt.progress import Eta
+from qwen3next_trt.sessions import EXPORT_DTYPES, torch_dtype
 
-from . import graphs as G
+from . import kinds as G
 from .custom_ops import CUSTOM_OPS, MS_DOMAIN, TRANSLATION_TABLE
-from .manifest import MANIFEST, MANIFEST_FORMAT, is_export
+from .manifest import (MANIFEST, MANIFEST_FORMAT, ActivationPrecision, FileRecord, GraphRecord, Kind, KVCachePrecision,
+                       Manifest, Port, Precision, Source, WeightPrecision, graph_name, is_export)
 from .onnx_files import check_graph, describe_graph, share_weights
 
 OPSET = 23
-MANIFEST_VERSION = 1
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = ("none", "fp8")  # fp8: FP8 (E4M3) weights, dequantised in the graph
 # FP8 activations: static per-tensor scales from calibration, or per-token scales computed in the graph
 ACTIVATIONS = ("none", "fp8", "fp8-dynamic")
@@ -107,7 +106,7 @@ def _dim_spec(name: str, dims: dict, sizes: dict):
     return free[0] + sum(sizes[p] for p in parts if p not in dims) if len(parts) > 1 else free[0]
 
 
-def _examples(ports: list[G.Port], mode: str):
+def _examples(ports: list[G.PortSpec], mode: str):
     """Example tensors and torch.export dynamic shapes for the input ports."""
     sizes = dict(EXAMPLE_SIZES, seq=EXAMPLE_SIZES["seq"] if mode == "prefill" else 1)
     dims = {"batch": torch.export.Dim("batch", min=1), "past": torch.export.Dim("past", min=0)}
@@ -149,7 +148,7 @@ def _trace(module: torch.nn.Module, mode: str, path: Path):
     _name_sum_dims(path, module.inputs, mode)
 
 
-def _name_sum_dims(path: Path, ports: list[G.Port], mode: str):
+def _name_sum_dims(path: Path, ports: list[G.PortSpec], mode: str):
     """torch.export names an input dim that is a sum of two dims (the attention mask's past+seq) like
     s82; give it the name the outputs carry ("past + seq", "past + 1" in decode graphs)."""
     sums = {p.name: [(i, d) for i, d in enumerate(p.shape) if isinstance(d, str) and "+" in d] for p in ports}
@@ -175,17 +174,15 @@ def _expected_custom_ops(kind: str, layer_type: str | None, moe: bool) -> dict[s
     return ops
 
 
-def _ports_record(ports: list[G.Port], actual: list[dict]) -> list[dict]:
+def _ports_record(ports: list[G.PortSpec], actual: list[dict]) -> list[Port]:
+    """The manifest's ports: roles and states from the wrapper, dtypes and (named) shapes from the file."""
     by_name = {a["name"]: a for a in actual}
     out = []
     for p in ports:
         a = by_name.get(p.name)
         if a is None:
             raise RuntimeError(f"exported graph lacks port {p.name!r} (has {sorted(by_name)})")
-        rec = {"name": p.name, "dtype": a["dtype"], "shape": a["shape"], "role": p.role}
-        if p.state:
-            rec["state"] = p.state
-        out.append(rec)
+        out.append(Port(p.name, a["dtype"], a["shape"], p.role, p.state))
     return out
 
 
@@ -195,8 +192,8 @@ class Exporter:
                  fp8_scheme: str = "block", activations: str = "none", calib: int = 16, calib_seq: int = 256,
                  calib_percentile: float | None = None, kv_cache: str = "none", device: str = "cpu",
                  calib_file: str | Path | None = None, progress=print):
-        if dtype not in DTYPES:
-            raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        if dtype not in EXPORT_DTYPES:
+            raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
         if precision not in PRECISIONS:
             raise InputError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         if fp8_scheme not in SCHEMES:
@@ -223,7 +220,7 @@ class Exporter:
             raise InputError(f"--kv-cache {kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
         self.kv_cache = kv_cache
         self.kv_scales: dict[str, float] | None = None
-        self.dtype_name, self.dtype = dtype, DTYPES[dtype]
+        self.dtype_name, self.dtype = dtype, torch_dtype(dtype)
         self.source = WeightSource(model, seed=seed, dtype=self.dtype)
         self.config = cfg = self.source.config
         self.quantizer = WeightQuantizer(fp8_scheme, self.source.reader) if precision == "fp8" else None
@@ -235,8 +232,8 @@ class Exporter:
         if not 1 <= self.max_positions <= limit:
             raise InputError(f"--max-positions {max_positions}: expected 1..{limit} (max_position_embeddings)")
         self.progress, self.force = progress, force
-        self.records: list[dict] = []
-        self.weights: dict[str, dict] = {}
+        self.records: list[GraphRecord] = []
+        self.weights: dict[str, FileRecord] = {}
 
     # -- one group of graphs (prefill + decode of one part), sharing one weights file -------------
     def _export_group(self, work: Path, group: str, module, kind: str, modes, layer=None, layer_type=None, moe=False,
@@ -244,12 +241,13 @@ class Exporter:
         t0 = time.time() if t0 is None else t0
         paths = []
         for mode in modes:
-            name = f"{group}.{mode}" if mode != "any" else group
+            name = graph_name(group, mode)
             path = work / f"{name}.onnx"
             _trace(module, "prefill" if mode in ("prefill", "any") else "decode", path)
             paths.append((name, mode, path))
         weights = share_weights([p for _, _, p in paths], f"{group}.weights")
-        self.weights[weights["file"]] = weights
+        self.weights[weights["file"]] = FileRecord(weights["file"], weights["bytes"], file_sha256(work / weights["file"]),
+                                                   weights["tensors"])
         expected = _expected_custom_ops(kind, layer_type, moe)
         for name, mode, path in paths:
             check_graph(path)
@@ -257,17 +255,13 @@ class Exporter:
             found = {op: info["ops"].get(op, 0) for op in expected}
             if found != expected:
                 raise RuntimeError(f"{name}: expected exactly {expected} in the traced graph, found {found}")
-            self.records.append({
-                "name": name, "file": path.name, "weights": f"{group}.weights", "kind": kind, "mode": mode,
-                "layer": layer, "layer_type": layer_type, "moe": moe,
-                "inputs": _ports_record(module.inputs, info["inputs"]),
-                "outputs": _ports_record(module.outputs, info["outputs"]),
-                "nodes": info["nodes"], "ops": info["ops"], "opsets": info["opsets"],
-                "bytes": path.stat().st_size,
-            })
+            self.records.append(GraphRecord(
+                name, path.name, f"{group}.weights", Kind(kind), mode, layer, layer_type, moe,
+                _ports_record(module.inputs, info["inputs"]), _ports_record(module.outputs, info["outputs"]),
+                info["nodes"], info["ops"], info["opsets"], path.stat().st_size, file_sha256(path)))
         dt = time.time() - t0
         self.progress(f"[export] {group:<12} {kind:<16} {'/'.join(m for m in modes):<14} "
-                      f"{self.records[-1]['nodes']:>4} nodes  {weights['bytes'] / 2**20:9.1f} MiB  {dt:6.1f} s"
+                      f"{self.records[-1].nodes:>4} nodes  {weights['bytes'] / 2**20:9.1f} MiB  {dt:6.1f} s"
                       + (f"  {eta[0].step(eta[1], dt)}" if eta else ""))
 
     def _parts(self):
@@ -293,7 +287,7 @@ class Exporter:
                 return G.ModelGraph(model, rope(), self.dtype, self.quantizer, self.act_scales, self.kv_scales)
             yield "model", whole, "model", ("prefill", "decode"), None, None, False
 
-    def run(self) -> dict:
+    def run(self) -> Manifest:
         reader = self.source.reader
         out = check_output(self.out_dir, "--out", {"checkpoint (--model)": reader.path if reader else None,
                                                    "--calib-file": self.calib_file},
@@ -307,7 +301,7 @@ class Exporter:
             manifest = self._write(work, parts, sizes)
         return manifest
 
-    def _write(self, work: Path, parts: list, sizes: list[int]) -> dict:
+    def _write(self, work: Path, parts: list, sizes: list[int]) -> Manifest:
         t0 = time.time()
         if self.activations == "fp8" or self.kv_cache == "fp8":
             scales = self._calibrate()
@@ -326,7 +320,8 @@ class Exporter:
             self._export_group(work, group, module, kind, modes, layer, layer_type, moe, t0=t_part, eta=(eta, size))
             del module
         manifest = self._manifest(time.time() - t0)
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        manifest.write(work)
+        manifest.dir = self.out_dir
         return manifest
 
     # -- calibration and disk space -----------------------------------------------------------------
@@ -379,37 +374,38 @@ class Exporter:
                              f"{' + FP8' if self.quantizer else ''}) and {parent} has {_size(free)} free: "
                              "free space, or give --out on a disk with that much free")
 
-    def _manifest(self, seconds: float) -> dict:
+    def _precision(self) -> Precision:
+        p = Precision.float(self.dtype_name)
+        if self.quantizer:
+            p.weights = WeightPrecision(**self.quantizer.describe())
+        if self.act_scales == PER_TOKEN:
+            p.activations = ActivationPrecision(
+                "float8e4m3fn", "dynamic per-token: scale = max|x| / 448 per row of the last axis, computed in the graph; "
+                "blocked QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE", PER_TOKEN)
+        elif self.act_scales is not None:
+            p.activations = ActivationPrecision(
+                "float8e4m3fn", "static per-tensor, QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE",
+                self.act_scales, self.calibration_record)
+        if self.kv_scales is not None:
+            p.kv_cache = KVCachePrecision(
+                "float8e4m3fn", "static per-tensor scales per attention layer (key, value); past DequantizeLinear, new "
+                "tokens Q/DQ before attention, present QuantizeLinear", self.kv_scales, self.calibration_record)
+        return p
+
+    def _manifest(self, seconds: float) -> Manifest:
         cfg = self.config.to_hf_dict()
         cfg["num_nextn_predict_layers"] = self.config.num_mtp_layers
-        return {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "exporter": {"package": "qwen3next-trt", "version": qwen3next_trt.__version__, "torch": torch.__version__,
-                         "onnx": onnx.__version__, "onnxscript": onnxscript.__version__},
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(seconds, 1),
-            "source": self.source.describe(),
-            "config": cfg,
-            "dtype": self.dtype_name,
-            "weights_precision": self.quantizer.describe() if self.quantizer else {"format": self.dtype_name},
-            "activation_precision": {"format": self.dtype_name} if self.act_scales is None else {
-                "format": "float8e4m3fn", "scheme": "dynamic per-token: scale = max|x| / 448 per row of the last axis, computed in "
-                "the graph; blocked QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE", "scales": PER_TOKEN,
-            } if self.act_scales == PER_TOKEN else {
-                "format": "float8e4m3fn", "scheme": "static per-tensor, QuantizeLinear -> DequantizeLinear before each FP8 MatMul and MoE",
-                "calibration": self.calibration_record, "scales": self.act_scales},
-            "kv_cache": {"format": self.dtype_name} if self.kv_scales is None else {
-                "format": "float8e4m3fn", "scheme": "static per-tensor scales per attention layer (key, value); past "
-                "DequantizeLinear, new tokens Q/DQ before attention, present QuantizeLinear", "calibration": self.calibration_record,
-                "scales": self.kv_scales},
-            "opsets": {"ai.onnx": OPSET, MS_DOMAIN: 1},
-            "custom_ops": {op: {"domain": MS_DOMAIN, "version": v} for op, v in CUSTOM_OPS.items()},
-            "max_positions": self.max_positions,
-            "state_layouts": STATE_LAYOUTS,
-            "weights": self.weights,
-            "graphs": self.records,
-        }
+        calib = None
+        if self.calibration_record and self.calib_file and self.calib_file.is_file():
+            calib = FileRecord(str(self.calib_file.resolve()), self.calib_file.stat().st_size, file_sha256(self.calib_file))
+        return Manifest(
+            config=cfg, precision=self._precision(), source=Source(**self.source.describe()), max_positions=self.max_positions,
+            graphs=self.records, weights=self.weights, calibration_file=calib, seconds=round(seconds, 1),
+            exporter={"package": "qwen3next-trt", "version": qwen3next_trt.__version__, "torch": torch.__version__,
+                      "onnx": onnx.__version__, "onnxscript": onnxscript.__version__},
+            opsets={"ai.onnx": OPSET, MS_DOMAIN: 1},
+            custom_ops={op: {"domain": MS_DOMAIN, "version": v} for op, v in CUSTOM_OPS.items()},
+            state_layouts=STATE_LAYOUTS)
 
 
 def _size(n: int) -> str:
@@ -422,15 +418,13 @@ def _calibration_record(calib: tuple) -> dict:
             "text": "Python standard library sources (bytes as token ids)"}
 
 
-def summary_table(manifest: dict) -> str:
+def summary_table(manifest: Manifest) -> str:
     rows = []
-    for g in manifest["graphs"]:
-        ops = g["ops"]
-        custom = sum(c for o, c in ops.items() if o.startswith(MS_DOMAIN))
-        native = f"{ops.get('Attention', 0)}/{ops.get('RotaryEmbedding', 0)}"
-        rows.append((g["name"], g["mode"], str(g["nodes"]), str(custom), native,
-                     f"{manifest['weights'][g['weights']]['bytes'] / 2**20:.1f}"))
+    for g in manifest.graphs:
+        custom = sum(c for o, c in g.ops.items() if o.startswith(MS_DOMAIN))
+        native = f"{g.ops.get('Attention', 0)}/{g.ops.get('RotaryEmbedding', 0)}"
+        rows.append((g.name, g.mode, str(g.nodes), str(custom), native, f"{manifest.weights[g.weights].bytes / 2**20:.1f}"))
     lines = text_table(("graph", "mode", "nodes", "custom ops", "Attention/Rotary", "weights MiB"), rows, left=2)
-    total = sum(w["bytes"] for w in manifest["weights"].values())
-    lines.append(f"{len(manifest['graphs'])} graphs, {len(manifest['weights'])} weight files, {total / 2**20:.1f} MiB, {manifest['seconds']} s")
+    lines.append(f"{len(manifest.graphs)} graphs, {len(manifest.weights)} weight files, "
+                 f"{manifest.total_weight_bytes / 2**20:.1f} MiB, {manifest.seconds} s")
     return "\n".join(lines)

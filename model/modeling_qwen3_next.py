@@ -357,8 +357,10 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(
             [Qwen3NextMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)]
         )
-        self.shared_expert = Qwen3NextMLP(config, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        # shared_expert_intermediate_size 0: no shared expert (transformers keeps zero-width linears,
+        # whose output is exactly zero; a checkpoint's empty tensors for it are not read)
+        self.shared_expert = Qwen3NextMLP(config, config.shared_expert_intermediate_size) if config.shared_expert_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if self.shared_expert is not None else None
         # FP8 activations: rounds the routed experts' input (the router still sees the exact input)
         self.expert_input_quant: Callable | None = None
 
@@ -377,8 +379,9 @@ class Qwen3NextSparseMoeBlock(nn.Module):
         x = x.reshape(-1, shape[-1])
         experts_in = self.expert_input_quant(x) if self.expert_input_quant is not None else x
         routed = kernels.routed_experts(self, experts_in, self.gate(x))
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return (routed + shared).reshape(shape)
+        if self.shared_expert is not None:
+            routed = routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return routed.reshape(shape)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import signal
 import sys
@@ -16,6 +17,8 @@ import threading
 from pathlib import Path
 
 from qwen3next_trt.errors import InputError, Interrupted, NumericalError, ToleranceError
+from qwen3next_trt.outputs import output_file, write_file
+from qwen3next_trt.sessions import BACKENDS, EXPORT_DTYPES, torch_dtype
 
 
 # -- flag values, checked where they are parsed ----------------------------------------------------
@@ -150,15 +153,13 @@ def cmd_parity(args) -> int:
     print()
     print(report.table())
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        write_file(args.json, json.dumps(report.to_dict(), indent=2))
     if not report.passed:
         raise ToleranceError("parity failed: see the table above")
     return 0
 
 
 def cmd_random_checkpoint(args) -> int:
-    import torch
-
     from qwen3next_trt.model import random_model, resolve_config, save_model
 
     from qwen3next_trt.outputs import refuse_overlap
@@ -168,7 +169,7 @@ def cmd_random_checkpoint(args) -> int:
     if src.is_dir() and any(src.glob("*.safetensors")):
         # a folder with only a config.json may receive its weights; one with weights must not lose them
         refuse_overlap(args.out, "--out", {"checkpoint (--model)": src})
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     out = save_model(random_model(cfg, seed=args.seed, dtype=dtype), args.out, max_shard_bytes=args.shard_mb * 2**20)
     print(f"wrote {out} ({args.model}, seed {args.seed}, {args.dtype})")
     return 0
@@ -183,7 +184,7 @@ def cmd_export(args) -> int:
                         device=args.device, calib_file=args.calib_file, progress=lambda m: print(m, flush=True)).run()
     print()
     print(summary_table(manifest))
-    calib = (manifest.get("activation_precision", {}).get("calibration") or manifest.get("kv_cache", {}).get("calibration"))
+    calib = manifest.precision.activations.calibration or manifest.precision.kv_cache.calibration
     where = f"; calibration on {calib['device']}" if calib else ""
     print(f"wrote {args.out}/manifest.json (backend: torch.onnx dynamo exporter, device cpu{where})")
     return 0
@@ -225,14 +226,15 @@ def cmd_calibrate(args) -> int:
           f"{len(timings)} run now in {total:.1f} s (backend: PyTorch {torch.__version__}, device {describe_device(device)}"
           + (f", peak GPU memory {peak / 2**30:.1f} GiB)" if peak is not None else ")"))
     if args.times:
-        Path(args.times).write_text(json.dumps({"seconds_total": round(total, 2), "device": describe_device(device),
+        write_file(args.times, json.dumps({"seconds_total": round(total, 2), "device": describe_device(device),
                                                 "torch": torch.__version__, "peak_gpu_memory_bytes": peak,
                                                 "source": source.describe(), "layers": timings}, indent=1))
     return 0
 
 
 def cmd_validate(args) -> int:
-    from qwen3next_trt.validate.validator import Validator, table
+    from qwen3next_trt.validate.report import table
+    from qwen3next_trt.validate.validator import Validator
 
     report = Validator(args.onnx, backend=args.backend, model=args.model, report_dir=args.report,
                        generate=args.generate, engines=args.engines, progress=lambda m: print(m, flush=True)).run()
@@ -313,7 +315,8 @@ def cmd_generate(args) -> int:
     tokenizer = Tokenizer(args.model) if args.model else None
     prompts = [_token_ids(p, "--prompt-ids") for p in args.prompt_ids]
     prompts += [tokenizer.encode(p) for p in args.prompt]
-    prompts += [list(p.encode()) for p in args.prompt_bytes]  # byte tokens: what the tiny training uses
+    # byte tokens (what the tiny training uses): the argument's own bytes, valid UTF-8 or not
+    prompts += [list(os.fsencode(p)) for p in args.prompt_bytes]
     if not prompts:
         raise InputError("give at least one --prompt (with --model), --prompt-ids or --prompt-bytes")
     gen = Generator(args.onnx, engines_dir=args.engines, threads=args.threads, prefill_chunk=args.prefill_chunk)
@@ -337,7 +340,7 @@ def cmd_generate(args) -> int:
           f"first token after {st.time_to_first_token_s * 1e3:.0f} ms, {st.tokens_per_main_pass:.2f} tokens per main pass"
           + (f", acceptance per draft position {acc}" if args.mtp else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"tokens": out, "stats": st.as_dict()}, indent=1))
+        write_file(args.json, json.dumps({"tokens": out, "stats": st.as_dict()}, indent=1))
     return 0
 
 
@@ -365,13 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=_int_at_least(1), default=1)
     s.add_argument("--generate", type=_int_at_least(1), default=24, help="greedy tokens to compare (default 24)")
     s.add_argument("--atol", type=_float_at_least(0), default=1e-4, help="max abs logits error allowed (default 1e-4)")
-    s.add_argument("--json", help="also write the report as JSON here")
+    s.add_argument("--json", type=output_file("--json"), help="also write the report as JSON here")
     s.set_defaults(fn=cmd_parity)
 
     s = sub.add_parser("export", help="trace the model layer by layer into ONNX graphs + manifest.json")
     s.add_argument("--model", required=True, help="preset (tiny, qwen3-next-80b-a3b: seeded random weights) or checkpoint directory")
     s.add_argument("--out", required=True, help="output directory (replaced if it holds an earlier export)")
-    s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="activation and weight dtype (DeltaNet state stays float32)")
+    s.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp32", help="activation and weight dtype (DeltaNet state stays float32)")
     s.add_argument("--layers", type=_spec, default="all", help="'all', or e.g. '0,3', '0-7,final', 'embed,final,mtp,model'")
     s.add_argument("--max-positions", type=_int_at_least(1), help="RoPE table length (default: min(max_position_embeddings, 65536))")
     s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
@@ -405,12 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
     s.add_argument("--calib", type=int, default=16, help="calibration sequences (256 tokens each)")
     s.add_argument("--calib-percentile", type=float, help="use this percentile of |x| instead of the max (e.g. 99.99)")
-    s.add_argument("--times", help="also write the per-layer times (materialise, run) as JSON here")
+    s.add_argument("--times", type=output_file("--times"), help="also write the per-layer times (materialise, run) as JSON here")
     s.set_defaults(fn=cmd_calibrate)
 
     s = sub.add_parser("validate", help="every exported graph vs the PyTorch reference (polygraphy), and end to end")
     s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
-    s.add_argument("--backend", default="onnxrt", help="onnxrt (ONNX Runtime CPU), or tensorrt (engines on the GPU, beside ONNX Runtime)")
+    s.add_argument("--backend", default="onnxrt", choices=BACKENDS, help="onnxrt (ONNX Runtime CPU), or tensorrt (engines on the GPU, beside ONNX Runtime)")
     s.add_argument("--engines", help="engines directory for --backend tensorrt")
     s.add_argument("--model", help="weights to use instead of the manifest's source (e.g. a moved checkpoint)")
     s.add_argument("--report", help="report directory (default: ONNX_DIR/validation)")
@@ -462,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", action="store_true", help="print every token as it is produced")
     s.add_argument("--threads", type=_int_at_least(1), help="ONNX Runtime intra-op threads")
     s.add_argument("--prefill-chunk", type=_int_at_least(1), help="prefill long prompts in chunks of this many tokens")
-    s.add_argument("--json", help="write tokens and stats here")
+    s.add_argument("--json", type=output_file("--json"), help="write tokens and stats here")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("deploy", help="write a Triton Inference Server model repository (Python-backend runtime model, tensorrt_plan entries)")
@@ -478,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="preset or checkpoint directory (its config)")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    s.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp32")
     s.add_argument("--shard-mb", type=_int_at_least(1, " (MiB per shard)"), default=1024)
     s.set_defaults(fn=cmd_random_checkpoint)
     return p

@@ -37,21 +37,22 @@ def check_output(out: str | Path, flag: str, inputs: Mapping[str, str | Path | N
     input or a folder this tool did not write. `inputs`: description -> path (None: not given);
     `written_here(path)` recognises a folder this command wrote; `what` / `mark` name it in errors."""
     given = Path(out)
-    out = refuse_overlap(given, flag, inputs)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{flag} {given}: exists and is not a folder: expected a new, empty or earlier {what} folder")
+    out = refuse_overlap(given, flag, inputs, what)
     if out.is_dir() and any(out.iterdir()) and not written_here(out):
         raise InputError(f"{flag} {given}: exists, is not empty and is not {what} (no {mark}); refusing to replace it, "
                          "with or without --force: choose a new or empty folder")
     return out
 
 
-def refuse_overlap(out: str | Path, flag: str, inputs: Mapping[str, str | Path | None]) -> Path:
-    """The resolved `out`, or InputError if it is, contains or is inside one of `inputs`. An input that
-    does not exist yet counts too: a calibration file the export is about to create inside `out` would
-    be deleted with the old `out`."""
+def refuse_overlap(out: str | Path, flag: str, inputs: Mapping[str, str | Path | None], what: str = "output") -> Path:
+    """The resolved output folder `out`, or InputError if it is a file, sits under a file, or is, contains
+    or is inside one of `inputs`. An input that does not exist yet counts too: a calibration file the
+    export is about to create inside `out` would be deleted with the old `out`."""
     given = Path(out)
     out = given.resolve()
+    check_parents(given, flag)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {given}: exists and is not a folder: expected a new, empty or earlier {what} folder")
     for label, path in inputs.items():
         if path is None:
             continue
@@ -67,6 +68,47 @@ def refuse_overlap(out: str | Path, flag: str, inputs: Mapping[str, str | Path |
         raise InputError(f"{flag} {given}: {relation} the input {label} {src}: expected a folder outside it "
                          "(writing there would overwrite or delete the input)")
     return out
+
+
+def check_parents(path: Path, flag: str) -> None:
+    """InputError when an existing ancestor of `path` is not a folder (nothing could be made under it)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{flag} {path}: {parent} is a file, not a folder: expected a path in a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InputError(f"{flag} {path}: {parent} is not writable")
+            return
+
+
+def output_file(flag: str):
+    """An argparse type for a file this command writes (--json, --times): not a folder, in a folder."""
+    import argparse
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if not text or path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder (or empty): expected a file path to write")
+        try:
+            check_parents(path, flag)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag} ")) from None
+        return path
+    return parse
+
+
+def write_file(path: str | Path, text: str) -> Path:
+    """Write a whole file or nothing: a temporary file beside it, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _alive(pid: int) -> bool:

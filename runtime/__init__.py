@@ -9,7 +9,9 @@ Imports numpy and onnxruntime only (no torch), so a serving process stays light.
 """
 
 from .generator import MAX_DRAFTS, GenerationStats, Generator, TokenEvent
-from .graphs import GraphModel, engine_factory, onnxrt_factory
+from qwen3next_trt.sessions import engine_factory, onnxrt_factory
+
+from .graph_model import GraphModel
 from .sampling import SamplingParams, choose
 from .state import StateStore
 

@@ -29,7 +29,10 @@ import numpy as np
 
 from qwen3next_trt.errors import InputError, NumericalError
 
-from .graphs import GraphModel, engine_factory, onnxrt_factory
+from qwen3next_trt.export.manifest import Manifest
+from qwen3next_trt.sessions import engine_factory, onnxrt_factory
+
+from .graph_model import GraphModel
 from .sampling import SamplingParams, choose
 
 MAX_DRAFTS = 4
@@ -79,12 +82,12 @@ class Generator:
 
     def __init__(self, onnx_dir: str | Path, engines_dir: str | Path | None = None, session_factory=None,
                  threads: int | None = None, prefill_chunk: int | None = None, mtp: bool | None = None):
+        manifest = Manifest.load(onnx_dir)
         if session_factory is None:
-            session_factory = engine_factory(engines_dir) if engines_dir is not None else onnxrt_factory(onnx_dir, threads)
-        self.model = GraphModel(onnx_dir, session_factory, mtp=mtp)
-        cfg = self.model.config
-        self.vocab_size = int(cfg["vocab_size"])
-        self.max_context = int(self.model.manifest.get("max_positions") or cfg["max_position_embeddings"])
+            session_factory = engine_factory(engines_dir, manifest) if engines_dir is not None else onnxrt_factory(onnx_dir, threads)
+        self.model = GraphModel(onnx_dir, session_factory, manifest, mtp=mtp)
+        self.vocab_size = self.model.manifest.vocab_size
+        self.max_context = self.model.manifest.context_limit
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError(f"prefill_chunk: expected a positive number of tokens, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -177,7 +180,7 @@ class _Run:
         j = int(np.flatnonzero(~np.isfinite(flat).all(1))[0])
         raise NumericalError(
             f"{self.m.dir}: logits of request {int(rows[j])} are not finite ({int((~np.isfinite(flat[j])).sum())} NaN/Inf values) "
-            f"after {int(self.produced[rows[j]])} generated token(s): the export ({self.m.manifest.get('dtype')}) overflows or "
+            f"after {int(self.produced[rows[j]])} generated token(s): the export ({self.m.manifest.dtype}) overflows or "
             "its weights hold NaN/Inf; stopped instead of emitting a token")
 
     def _active(self) -> np.ndarray:
@@ -198,7 +201,7 @@ class _Run:
 
     def _prefill(self):
         """Every prompt through the prefill graphs, equal lengths together, right-aligned in the slots."""
-        V = int(self.m.config["vocab_size"])
+        V = self.m.manifest.vocab_size
         last_logits = np.zeros((len(self.prompts), V), np.float32)
         normed_of = {}
         by_length = defaultdict(list)

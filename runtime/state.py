@@ -6,8 +6,8 @@ from 0: prompts of different lengths are right-aligned (left padding), and specu
 were rejected leave masked holes; positions for RoPE travel separately, per row. DeltaNet layers keep
 conv_state and the float32 recurrent state [B, ...], overwritten in place each step.
 
-Which input carries which state comes from the manifest's `state` keys (export/graphs.py), so this
-module knows no layer type by name.
+Which input carries which state comes from the manifest's ports (role and `state`; export/manifest.py),
+so this module knows no layer type by name.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# float8e4m3fn states (FP8 KV cache) are kept as their uint8 bits: numpy has no float8
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "float8e4m3fn": np.uint8}
+from qwen3next_trt.export.manifest import GraphRecord, Role
+from qwen3next_trt.sessions import NUMPY_DTYPES
 
 
 @dataclass
@@ -29,23 +29,22 @@ class Slot:
 
 
 class StateStore:
-    def __init__(self, records: list[dict], batch: int, capacity: int):
+    def __init__(self, records: list[GraphRecord], batch: int, capacity: int):
         self.batch, self.capacity = batch, capacity
         self.layers: list[list[Slot]] = []
         self.attention: list[bool] = []
         for rec in records:
-            out_of_state = {o["state"]: o["name"] for o in rec["outputs"] if o["role"] == "state-out"}
+            out_of_state = {o.state: o.name for o in rec.outputs if o.role == Role.STATE_OUT}
             slots = []
-            for p in rec["inputs"]:
-                if p["role"] != "state-in":
+            for p in rec.inputs:
+                if p.role != Role.STATE_IN:
                     continue
-                grows = "past" in p["shape"]
-                if grows and p["shape"].index("past") != 2:
-                    raise ValueError(f"{rec['name']}: {p['name']}: expected the past dim on axis 2, got {p['shape']}")
-                shape = [batch if d == "batch" else capacity if d == "past" else d for d in p["shape"]]
-                slots.append(Slot(p["name"], out_of_state[p["state"]], np.zeros(shape, NUMPY_DTYPES[p["dtype"]]), grows))
+                if p.grows and p.shape.index("past") != 2:
+                    raise ValueError(f"{rec.name}: {p.name}: expected the past dim on axis 2, got {p.shape}")
+                shape = [batch if d == "batch" else capacity if d == "past" else d for d in p.shape]
+                slots.append(Slot(p.name, out_of_state[p.state], np.zeros(shape, NUMPY_DTYPES[p.dtype]), p.grows))
             self.layers.append(slots)
-            self.attention.append(any(p["role"] == "mask" for p in rec["inputs"]))
+            self.attention.append(rec.is_attention)
         self.mask = np.zeros((batch, capacity), np.bool_)
 
     @property

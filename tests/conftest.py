@@ -6,7 +6,7 @@ import torch
 # Other kernel paths for the same tests (validate/README.md, "Tolerances"): QWEN3NEXT_TRT_TORCH_THREADS
 # sets PyTorch's threads (1 changes how ATen splits reductions), ATEN_CPU_CAPABILITY=default|avx2 (set
 # before Python starts) PyTorch's vector kernels, QWEN3NEXT_TRT_ORT_OPT_LEVEL / _ORT_THREADS ONNX Runtime's
-# fusions and threads (runtime/graphs.py). The suite's tolerances must hold under every combination.
+# fusions and threads (qwen3next_trt/sessions.py). The suite's tolerances must hold under every combination.
 torch.set_num_threads(int(os.environ.get("QWEN3NEXT_TRT_TORCH_THREADS", "2")))
 if os.environ.get("QWEN3NEXT_TRT_NO_MKLDNN"):
     torch.backends.mkldnn.enabled = False

@@ -4,6 +4,7 @@ the disk-space guards, and (GPU) bf16 calibration on CUDA against the CPU float3
 import json
 import re
 from collections import namedtuple
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,9 +197,9 @@ def test_build_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
     Usage = namedtuple("Usage", "total used free")
     b = builder.EngineBuilder.__new__(builder.EngineBuilder)  # the check needs only the manifest and the output directory
     b.out_dir = tmp_path / "engines"
-    b.manifest = {"weights": {"layer_00.weights": {"bytes": 3 * 2**30}, "final.weights": {"bytes": 2**30}}}
-    b.graphs = [{"name": "layer_00.prefill", "weights": "layer_00.weights"}, {"name": "layer_00.decode", "weights": "layer_00.weights"},
-                {"name": "final", "weights": "final.weights"}]
+    b.manifest = SimpleNamespace(weights={"layer_00.weights": SimpleNamespace(bytes=3 * 2**30), "final.weights": SimpleNamespace(bytes=2**30)})
+    b.graphs = [SimpleNamespace(name="layer_00.prefill", weights="layer_00.weights"),
+                SimpleNamespace(name="layer_00.decode", weights="layer_00.weights"), SimpleNamespace(name="final", weights="final.weights")]
     monkeypatch.setattr(builder.shutil, "disk_usage", lambda p: Usage(2**40, 0, 8 * 2**30))
     with pytest.raises(InputError, match=r"needs about 10\.\d GiB .* 8\.0 GiB free"):
         b.check_disk()  # 3 + 3 + 1 GiB of engines + the largest (3) being written

@@ -48,13 +48,14 @@ ZOO = {
     # issue 12: the same model with the top-k weights not renormalised, and nothing else changed
     "norm_topk_false": {**SMALL_TINY, "norm_topk_prob": False},
     # irregular layer order (full attention first), a dense layer by mlp_only_layers, tied embeddings,
-    # plain multi-head attention (as many KV heads as query heads), 3 value heads per key head, no MTP layer
+    # plain multi-head attention (as many KV heads as query heads), 3 value heads per key head, no MTP layer,
+    # no shared expert (shared_expert_intermediate_size 0)
     "dense_tied_irregular_mha": {
         "model_type": "qwen3_next", "vocab_size": 200, "hidden_size": 48, "intermediate_size": 80,
         "num_hidden_layers": 2, "layer_types": ["full_attention", "linear_attention"], "mlp_only_layers": [0],
         "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
         "linear_num_key_heads": 1, "linear_num_value_heads": 3, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
-        "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 32,
+        "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 0,
         "tie_word_embeddings": True, "max_position_embeddings": 256,
     },
     # odd head sizes (attention 24 with half-rotary YaRN, DeltaNet keys 12 / values 20, conv width 3),

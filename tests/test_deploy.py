@@ -46,7 +46,10 @@ def fake_engines(export: Path, out: Path) -> Path:
     out.mkdir()
     for g in manifest["graphs"]:
         (out / f"{g['name']}.engine").write_bytes(b"")
-        meta = {"graph": g["name"], "engine": f"{g['name']}.engine", "inputs": g["inputs"], "outputs": g["outputs"],
+        meta = {"format": "qwen3next-trt/engine", "graph": g["name"], "engine": f"{g['name']}.engine",
+                "inputs": g["inputs"], "outputs": g["outputs"], "profiles": [], "layers": [],
+                # tied to the export as `build` ties them: the graph's and its weights' sha256
+                "onnx_sha256": g["sha256"], "weights_sha256": manifest["weights"][g["weights"]]["sha256"],
                 "tensorrt": {"flavour": "tensorrt_rtx", "version": "1.7.1.116"},
                 "plugins": [{"name": "MoE", "version": "1", "namespace": ""}],
                 "plugin_layers": ["MoE"] if g.get("moe") else []}

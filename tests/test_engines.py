@@ -119,12 +119,18 @@ def fake_export(tmp_path, node, inputs, outputs):
     model.ir_version = 10
     onnx.save(model, tmp_path / "bad.onnx")
     (tmp_path / "bad.weights").write_bytes(b"")
-    port = lambda v, role: {"name": v.name, "dtype": "float32", "role": role,  # noqa: E731
-                            "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
-    manifest = {"format": "qwen3next-trt/manifest", "max_positions": 4096, "graphs": [{
-        "name": "bad", "file": "bad.onnx", "weights": "bad.weights", "kind": "test", "mode": "prefill",
-        "inputs": [port(v, "activation") for v in inputs], "outputs": [port(v, "activation") for v in outputs]}]}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    from qwen3next_trt.export.manifest import FileRecord, GraphRecord, Kind, Manifest, Port, Precision, Role, Source
+    from qwen3next_trt.hashing import file_sha256
+
+    port = lambda v: Port(v.name, "float32", [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],  # noqa: E731
+                          Role.ACTIVATION)
+    onnx_file = tmp_path / "bad.onnx"
+    record = GraphRecord("bad", "bad.onnx", "bad.weights", Kind.LM_HEAD, "prefill", None, None, False,
+                         [port(v) for v in inputs], [port(v) for v in outputs], bytes=onnx_file.stat().st_size,
+                         sha256=file_sha256(onnx_file))
+    Manifest(config={"num_hidden_layers": 1, "vocab_size": 8}, precision=Precision.float("fp32"), source=Source("random", "tiny"),
+             max_positions=4096, graphs=[record],
+             weights={"bad.weights": FileRecord("bad.weights", 0, file_sha256(tmp_path / "bad.weights"))}).write(tmp_path)
     return tmp_path
 
 
@@ -153,7 +159,7 @@ def test_plugin_attribute_out_of_range_is_an_error(tmp_path, capsys):
 def test_engines_run_where_tensorrt_supports_the_gpu(tiny_export, engines):
     import torch
 
-    from qwen3next_trt.engines.runtime import EngineSession
+    from qwen3next_trt.engines.session import EngineSession
     from qwen3next_trt.errors import InputError
     from qwen3next_trt.validate.validator import Validator
 
@@ -167,7 +173,7 @@ def test_engines_run_where_tensorrt_supports_the_gpu(tiny_export, engines):
 
 
 def test_engine_from_another_tensorrt_version_is_refused(engines, tmp_path):
-    from qwen3next_trt.engines.runtime import EngineSession
+    from qwen3next_trt.engines.session import EngineSession
     from qwen3next_trt.errors import InputError
 
     shutil.copy(engines / "embed.engine", tmp_path / "embed.engine")
@@ -179,7 +185,7 @@ def test_engine_from_another_tensorrt_version_is_refused(engines, tmp_path):
 
 
 def test_input_outside_the_profile_is_refused(engines):
-    from qwen3next_trt.engines.runtime import EngineSession
+    from qwen3next_trt.engines.session import EngineSession
     from qwen3next_trt.errors import InputError
 
     session = EngineSession.__new__(EngineSession)  # the shape check needs no GPU

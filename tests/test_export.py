@@ -32,7 +32,7 @@ import qwen3next_trt.model.presets as presets_package
 from qwen3next_trt.cli import main
 from qwen3next_trt.export import exporter as exporter_module
 from qwen3next_trt.export.custom_ops import stack_experts
-from qwen3next_trt.export.graphs import RopeCache
+from qwen3next_trt.export.kinds import RopeCache
 from qwen3next_trt.model import Qwen3NextConfig
 from qwen3next_trt.model.modeling_qwen3_next import (
     Qwen3NextRotaryEmbedding,
@@ -287,6 +287,9 @@ def check_manifest(export_dir: Path, manifest: dict, cfg: dict, names: list[str]
         assert {external(t)["location"] for t in model.graph.initializer if external(t)} <= {rec["weights"]}
         assert rec["weights"] in manifest["weights"]
         assert manifest["weights"][rec["weights"]]["bytes"] == (export_dir / rec["weights"]).stat().st_size
+        # content hashes, against hashlib directly: what every later stage verifies
+        assert manifest["weights"][rec["weights"]]["sha256"] == hashlib.sha256((export_dir / rec["weights"]).read_bytes()).hexdigest()
+        assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and rec["bytes"] == path.stat().st_size
 
         state_in = {p["state"]: p for p in rec["inputs"] if p["role"] == "state-in"}
         state_out = {p["state"]: p for p in rec["outputs"] if p["role"] == "state-out"}
@@ -389,7 +392,7 @@ def test_manifest_matches_the_onnx_files(tiny_export, tiny_manifest):
 
 def test_manifest_header_fields(tiny_manifest):
     m = tiny_manifest
-    assert m["format"] == "qwen3next-trt/manifest" and m["version"] == 1
+    assert m["format"] == "qwen3next-trt/manifest" and m["version"] == 2
     assert {k: m["source"].get(k) for k in ("kind", "preset", "seed")} == {"kind": "random", "preset": "tiny", "seed": 0}
     assert m["opsets"] == {"ai.onnx": 23, MS: 1}
     assert m["custom_ops"] == {op: {"domain": MS, "version": 1} for op in MS_OPS}

@@ -19,16 +19,16 @@ import numpy as np
 import torch
 
 from qwen3next_trt.errors import InputError
+from qwen3next_trt.outputs import refuse_overlap
 from qwen3next_trt.tables import text_table
 
-from qwen3next_trt.export.manifest import read_manifest
+from qwen3next_trt.export.manifest import Manifest
+from qwen3next_trt.runtime import GraphModel
+from qwen3next_trt.sessions import OrtSession, onnxrt_factory
 
 from .inputs import feeds_for
-from qwen3next_trt.runtime import GraphModel, onnxrt_factory
-from qwen3next_trt.runtime.graphs import OrtSession
-from .reference import ReferencePart, kv_scales_for, weight_source
+from .reference import ReferencePart, weight_source
 from .tolerances import metrics
-from .validator import _seed, check_files
 
 
 @dataclass
@@ -69,38 +69,40 @@ class QualityCheck:
     def __init__(self, onnx_dir: str | Path, model: str | None = None, report_dir: str | Path | None = None,
                  tokens: int = 128, progress=print):
         self.dir = Path(onnx_dir)
-        path = self.dir / "manifest.json"
-        self.manifest = read_manifest(self.dir)
-        if self.manifest.get("weights_precision", {}).get("format") != "float8e4m3fn":
+        self.manifest = Manifest.load(self.dir)
+        path = self.manifest.path
+        if not self.manifest.precision.weights.fp8:
             raise InputError(f"{path}: not an FP8 export (field 'weights_precision'): export with --precision fp8")
-        if self.manifest["dtype"] == "bf16":
+        if self.manifest.dtype == "bf16":
             raise InputError(f"{path}: a bf16 export cannot run on ONNX Runtime's CPU provider; export FP8 with --dtype fp32")
-        check_files(self.dir, self.manifest)
+        self.manifest.verify(progress=progress)
+        self.manifest.check_graph_io()
         self.source = weight_source(self.manifest, model)  # unquantised weights: the BF16/float model
         self.report_dir = Path(report_dir) if report_dir else self.dir / "quality"
+        inside = report_dir is None or self.report_dir.resolve() == (self.dir / "quality").resolve()
+        refuse_overlap(self.report_dir, "--report", {} if inside else {
+            "export (--onnx)": self.dir, "checkpoint (--model)": model if model and Path(model).is_dir() else None}, "report")
         self.tokens, self.progress = tokens, progress
 
     def run(self) -> QualityReport:
-        report = QualityReport(str(self.dir), self.manifest["weights_precision"])
+        weights = self.manifest.precision.weights
+        report = QualityReport(str(self.dir), {"format": weights.format, "scheme": weights.scheme, "source": weights.source})
         t0 = time.time()
-        groups: dict[str, list[dict]] = {}
-        for g in self.manifest["graphs"]:
-            groups.setdefault(g["weights"], []).append(g)
-        for records in groups.values():
+        for records in self.manifest.groups().values():
             # no fake quantisation: the float model (an FP8 KV cache's float8 inputs are still read as such)
-            part = ReferencePart(records[0], self.source, kv_scales=kv_scales_for(records[0], self.manifest, self.source.config),
-                                 fake_quantize_kv=False)
+            part = ReferencePart(records[0], self.source, kv_scales=self.manifest.kv_scales(records[0]), fake_quantize_kv=False)
             for rec in records:
-                session = OrtSession(self.dir / rec["file"])
-                for label, feed in feeds_for(rec, self.manifest["config"], seed=_seed(rec["name"]))[:1]:
+                session = OrtSession(self.dir / rec.file)
+                for label, feed in feeds_for(rec, self.manifest.vocab_size)[:1]:
                     ref = part(feed)
                     got = dict(zip(ref, session.run(None, feed)))
                     for name in ref:
                         _, _, cos, _ = metrics(ref[name], got[name])
                         max_abs = float(np.abs(ref[name].astype(np.float64) - got[name]).max())
-                        report.rows.append(QualityRow(rec["name"], name, cos, max_abs, rel_frobenius(ref[name], got[name])))
-            self.progress(f"[quality] {records[0]['weights'].removesuffix('.weights'):<10} worst rel. Frobenius "
-                          f"{max(r.rel_frobenius for r in report.rows if r.graph in {x['name'] for x in records}):.2e}")
+                        report.rows.append(QualityRow(rec.name, name, cos, max_abs, rel_frobenius(ref[name], got[name])))
+            names = {x.name for x in records}
+            self.progress(f"[quality] {records[0].weights.removesuffix('.weights'):<10} worst rel. Frobenius "
+                          f"{max(r.rel_frobenius for r in report.rows if r.graph in names):.2e}")
         try:
             graphs = GraphModel(self.dir, onnxrt_factory(self.dir), self.manifest, mtp=False)
         except InputError as e:
@@ -108,7 +110,7 @@ class QualityCheck:
         else:
             model = self.source.whole_model(with_mtp=False).to(torch.float32)
             rng = np.random.default_rng(4321)
-            ids = rng.integers(0, self.manifest["config"]["vocab_size"], (2, self.tokens), dtype=np.int64)
+            ids = rng.integers(0, self.manifest.vocab_size, (2, self.tokens), dtype=np.int64)
             logits = graphs.prefill_logits(ids)
             with torch.no_grad():
                 ref = model(torch.from_numpy(ids)).numpy()

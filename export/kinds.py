@@ -1,7 +1,11 @@
-"""The traced modules: one per graph kind, each wrapping reference modules with explicit state I/O.
+"""The graph kinds, each defined once: its export wrapper and its reference adapter side by side.
 
 Every wrapper runs the reference module's own forward with the export kernels (custom ops, one
-ONNX Attention, ONNX RotaryEmbedding); it only turns caches into graph inputs and outputs.
+ONNX Attention, ONNX RotaryEmbedding); it only turns caches into graph inputs and outputs. Beside it,
+the same class says how the validator rebuilds that part of the model from the weight source
+(`reference_module`) and runs it on the reference code path (`reference_outputs`: reference kernels,
+explicit softmax attention, HF-style rotary), in the order of the graph's outputs. `KINDS` maps a
+manifest Kind to its class: adding a kind is one class here.
 
 Graph I/O (names as in the ONNX files and the manifest; B batch, T new tokens, P past tokens):
   embed          input_ids [B,T] int64                         -> hidden [B,T,H]
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qwen3next_trt.model import AttentionCache, DeltaNetCache, Qwen3NextConfig
+from qwen3next_trt.model import AttentionCache, DeltaNetCache, Qwen3NextCache, Qwen3NextConfig
+from qwen3next_trt.model.loader import layer_prefix
 from qwen3next_trt.model.config import LINEAR_ATTENTION
 from qwen3next_trt.model.modeling_qwen3_next import (
     Qwen3NextDecoderLayer,
@@ -34,23 +39,26 @@ from qwen3next_trt.model.modeling_qwen3_next import (
 from qwen3next_trt.model.fp8 import PER_TOKEN, FP8Weight, WeightQuantizer, activation_scale, is_quantized
 
 from .custom_ops import export_kernels, stack_experts
+from .manifest import Kind, Role, state_tag
 
-ACTIVATION, STATE_IN, STATE_OUT, POSITION, TOKENS, MASK = "activation", "state-in", "state-out", "position", "tokens", "mask"
+ACTIVATION, STATE_IN, STATE_OUT, POSITION, TOKENS, MASK = (Role.ACTIVATION, Role.STATE_IN, Role.STATE_OUT, Role.POSITION,
+                                                            Role.TOKENS, Role.MASK)
 
 
 def _attention_inputs() -> list:
     """What an attention layer needs beside its hidden state and cache: RoPE positions per row and a
     key mask over past + new tokens, so that rows of different lengths can share a batch."""
-    return [Port("position_ids", POSITION, ["batch", "seq"], torch.int64),
-            Port("attention_mask", MASK, ["batch", "past+seq"], torch.bool)]
+    return [PortSpec("position_ids", POSITION, ["batch", "seq"], torch.int64),
+            PortSpec("attention_mask", MASK, ["batch", "past+seq"], torch.bool)]
 
 
 @dataclass
-class Port:
-    """One graph input or output: name, role, symbolic shape, and which state it carries."""
+class PortSpec:
+    """One graph input or output as the wrapper declares it: name, role, symbolic shape, torch dtype,
+    and which state it carries (the manifest's Port takes dtype and named dims from the traced file)."""
 
     name: str
-    role: str
+    role: Role
     shape: list  # ints and dim names ("batch", "seq", "past")
     dtype: torch.dtype
     state: str | None = None  # e.g. "layer_03.key"; state-in and state-out ports of one state share it
@@ -215,21 +223,40 @@ def _state_ports(config: Qwen3NextConfig, layer_type: str, tag: str, dtype, batc
     if layer_type == LINEAR_ATTENTION:
         conv = [batch, config.linear_conv_dim, config.linear_conv_kernel_dim - 1]
         rec = [batch, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim]
-        ins = [Port(f"{tag}conv_state", STATE_IN, conv, dtype, f"{tag}conv_state"),
-               Port(f"{tag}recurrent_state", STATE_IN, rec, torch.float32, f"{tag}recurrent_state")]
-        outs = [Port(f"{tag}conv_state_out", STATE_OUT, conv, dtype, f"{tag}conv_state"),
-                Port(f"{tag}recurrent_state_out", STATE_OUT, rec, torch.float32, f"{tag}recurrent_state")]
+        ins = [PortSpec(f"{tag}conv_state", STATE_IN, conv, dtype, f"{tag}conv_state"),
+               PortSpec(f"{tag}recurrent_state", STATE_IN, rec, torch.float32, f"{tag}recurrent_state")]
+        outs = [PortSpec(f"{tag}conv_state_out", STATE_OUT, conv, dtype, f"{tag}conv_state"),
+                PortSpec(f"{tag}recurrent_state_out", STATE_OUT, rec, torch.float32, f"{tag}recurrent_state")]
         return ins, outs
     kv_in = [batch, config.num_key_value_heads, past, config.head_dim]
     kv_out = [batch, config.num_key_value_heads, f"{past}+seq", config.head_dim]
     kv = kv_dtype or dtype
-    ins = [Port(f"{tag}past_key", STATE_IN, kv_in, kv, f"{tag}key"), Port(f"{tag}past_value", STATE_IN, kv_in, kv, f"{tag}value")]
-    outs = [Port(f"{tag}present_key", STATE_OUT, kv_out, kv, f"{tag}key"), Port(f"{tag}present_value", STATE_OUT, kv_out, kv, f"{tag}value")]
+    ins = [PortSpec(f"{tag}past_key", STATE_IN, kv_in, kv, f"{tag}key"), PortSpec(f"{tag}past_value", STATE_IN, kv_in, kv, f"{tag}value")]
+    outs = [PortSpec(f"{tag}present_key", STATE_OUT, kv_out, kv, f"{tag}key"), PortSpec(f"{tag}present_value", STATE_OUT, kv_out, kv, f"{tag}value")]
     return ins, outs
 
 
 class LayerGraph(_WithExperts):
     """A decoder layer (or the MTP layer's decoder block) with its state as inputs and outputs."""
+
+    kinds = (Kind.LINEAR_ATTENTION, Kind.FULL_ATTENTION)
+    fp8_weights = True
+
+    @staticmethod
+    def weight_prefix(record, config) -> str:
+        return layer_prefix(record.layer, config)
+
+    @staticmethod
+    def reference_module(source, record):
+        return source.layer(record.layer)
+
+    @staticmethod
+    def reference_outputs(m, t: dict, ctx, record) -> list:
+        if record.kind == Kind.LINEAR_ATTENTION:
+            cache = DeltaNetCache.from_tensors(t["conv_state"], t["recurrent_state"])
+            return [m(t["hidden"], None, cache), cache.conv_state, cache.recurrent_state]
+        cache = ctx.attention_cache(t, "", t["attention_mask"])
+        return [m(t["hidden"], ctx.rotation(t["position_ids"]), cache), cache.key, cache.value]
 
     def __init__(self, layer: Qwen3NextDecoderLayer, config: Qwen3NextConfig, rope: RopeCache | None, dtype,
                  quantizer: WeightQuantizer | None = None, prefix: str = "", act_scales: dict | None = None,
@@ -245,8 +272,8 @@ class LayerGraph(_WithExperts):
             quantize_linears_(layer, prefix, quantizer, dtype, act_scales)
         H = config.hidden_size
         state_in, state_out = _state_ports(config, layer.layer_type, "", dtype, kv_dtype=self.kv and self.kv.dtype)
-        self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", H], dtype), *([] if self.linear else _attention_inputs()), *state_in]
-        self.outputs = [Port("hidden_out", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
+        self.inputs = [PortSpec("hidden", ACTIVATION, ["batch", "seq", H], dtype), *([] if self.linear else _attention_inputs()), *state_in]
+        self.outputs = [PortSpec("hidden_out", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
 
     def forward(self, hidden, *args):
         if self.linear:
@@ -260,24 +287,41 @@ class LayerGraph(_WithExperts):
 
 
 class EmbedGraph(nn.Module):
+    kinds = (Kind.EMBED,)
+    fp8_weights = False
+    weight_prefix = staticmethod(lambda record, config: "")
+    reference_module = staticmethod(lambda source, record: source.embedding())
+    reference_outputs = staticmethod(lambda m, t, ctx, record: [m(t["input_ids"])])
+
     def __init__(self, embedding: nn.Embedding, dtype):
         super().__init__()
         self.embed_tokens = embedding
-        self.inputs = [Port("input_ids", TOKENS, ["batch", "seq"], torch.int64)]
-        self.outputs = [Port("hidden", ACTIVATION, ["batch", "seq", embedding.embedding_dim], dtype)]
+        self.inputs = [PortSpec("input_ids", TOKENS, ["batch", "seq"], torch.int64)]
+        self.outputs = [PortSpec("hidden", ACTIVATION, ["batch", "seq", embedding.embedding_dim], dtype)]
 
     def forward(self, input_ids):
         return self.embed_tokens(input_ids)
 
 
 class FinalGraph(nn.Module):
+    kinds = (Kind.FINAL,)
+    fp8_weights = False
+    weight_prefix = staticmethod(lambda record, config: "")
+    reference_module = staticmethod(lambda source, record: (source.final_norm(), source.lm_head()))
+
+    @staticmethod
+    def reference_outputs(m, t: dict, ctx, record) -> list:
+        norm, head = m
+        normed = norm(t["hidden"])
+        return [head(normed), normed]
+
     def __init__(self, norm: nn.Module, lm_head: nn.Linear, dtype):
         super().__init__()
         self.norm, self.lm_head = norm, lm_head
         H, V = lm_head.in_features, lm_head.out_features
-        self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", H], dtype)]
-        self.outputs = [Port("logits", ACTIVATION, ["batch", "seq", V], dtype),
-                        Port("hidden_normed", ACTIVATION, ["batch", "seq", H], dtype)]
+        self.inputs = [PortSpec("hidden", ACTIVATION, ["batch", "seq", H], dtype)]
+        self.outputs = [PortSpec("logits", ACTIVATION, ["batch", "seq", V], dtype),
+                        PortSpec("hidden_normed", ACTIVATION, ["batch", "seq", H], dtype)]
 
     def forward(self, hidden):
         normed = self.norm(hidden)
@@ -285,17 +329,33 @@ class FinalGraph(nn.Module):
 
 
 class LMHeadGraph(nn.Module):
+    kinds = (Kind.LM_HEAD,)
+    fp8_weights = False
+    weight_prefix = staticmethod(lambda record, config: "")
+    reference_module = staticmethod(lambda source, record: source.lm_head())
+    reference_outputs = staticmethod(lambda m, t, ctx, record: [m(t["hidden"])])
+
     def __init__(self, lm_head: nn.Linear, dtype):
         super().__init__()
         self.lm_head = lm_head
-        self.inputs = [Port("hidden", ACTIVATION, ["batch", "seq", lm_head.in_features], dtype)]
-        self.outputs = [Port("logits", ACTIVATION, ["batch", "seq", lm_head.out_features], dtype)]
+        self.inputs = [PortSpec("hidden", ACTIVATION, ["batch", "seq", lm_head.in_features], dtype)]
+        self.outputs = [PortSpec("logits", ACTIVATION, ["batch", "seq", lm_head.out_features], dtype)]
 
     def forward(self, hidden):
         return self.lm_head(hidden)
 
 
 class MTPGraph(_WithExperts):
+    kinds = (Kind.MTP,)
+    fp8_weights = True
+    weight_prefix = staticmethod(lambda record, config: "mtp.")
+    reference_module = staticmethod(lambda source, record: source.mtp())
+
+    @staticmethod
+    def reference_outputs(m, t: dict, ctx, record) -> list:
+        cache = ctx.attention_cache(t, "", t["attention_mask"])
+        return [m(t["next_embeds"], t["hidden"], ctx.rotation(t["position_ids"]), cache), cache.key, cache.value]
+
     def __init__(self, mtp: nn.Module, config: Qwen3NextConfig, rope: RopeCache, dtype,
                  quantizer: WeightQuantizer | None = None, act_scales: dict | None = None, kv_scales: dict | None = None):
         super().__init__(quantizer, dtype, act_scales)
@@ -306,10 +366,10 @@ class MTPGraph(_WithExperts):
             quantize_linears_(mtp, "mtp.", quantizer, dtype, act_scales)
         H = config.hidden_size
         state_in, state_out = _state_ports(config, "full_attention", "", dtype, kv_dtype=self.kv.dtype)
-        self.inputs = [Port("next_embeds", ACTIVATION, ["batch", "seq", H], dtype),
-                       Port("hidden", ACTIVATION, ["batch", "seq", H], dtype),
+        self.inputs = [PortSpec("next_embeds", ACTIVATION, ["batch", "seq", H], dtype),
+                       PortSpec("hidden", ACTIVATION, ["batch", "seq", H], dtype),
                        *_attention_inputs(), *state_in]
-        self.outputs = [Port("mtp_hidden", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
+        self.outputs = [PortSpec("mtp_hidden", ACTIVATION, ["batch", "seq", H], dtype), *state_out]
 
     def forward(self, next_embeds, hidden, position_ids, attention_mask, past_key, past_value):
         cache = self.kv.load(past_key, past_value, attention_mask)
@@ -319,6 +379,27 @@ class MTPGraph(_WithExperts):
 
 class ModelGraph(_WithExperts):
     """The whole main model in one graph (small models): every layer's state in and out."""
+
+    kinds = (Kind.MODEL,)
+    fp8_weights = True
+    weight_prefix = staticmethod(lambda record, config: "")
+    reference_module = staticmethod(lambda source, record: source.whole_model(with_mtp=False))
+
+    @staticmethod
+    def reference_outputs(m, t: dict, ctx, record) -> list:
+        cache = Qwen3NextCache(ctx.config, t["input_ids"].shape[0])
+        for i, layer_type in enumerate(ctx.config.layer_types):
+            tag = state_tag(i)
+            if layer_type == LINEAR_ATTENTION:
+                cache.layers[i].conv_state, cache.layers[i].recurrent_state = t[tag + "conv_state"], t[tag + "recurrent_state"]
+            else:
+                cache.layers[i] = ctx.attention_cache(t, tag, t["attention_mask"])
+        logits, normed = m(t["input_ids"], cache, position_ids=t["position_ids"], return_hidden=True)
+        outs = [logits, normed]
+        for layer_cache in cache.layers:
+            outs += ([layer_cache.conv_state, layer_cache.recurrent_state] if isinstance(layer_cache, DeltaNetCache)
+                     else [layer_cache.key, layer_cache.value])
+        return outs
 
     def __init__(self, model: nn.Module, rope: RopeCache, dtype, quantizer: WeightQuantizer | None = None,
                  act_scales: dict | None = None, kv_scales: dict | None = None):
@@ -333,11 +414,11 @@ class ModelGraph(_WithExperts):
         if quantizer is not None:
             quantize_linears_(model, "", quantizer, dtype, act_scales)
         self.layer_types = list(cfg.layer_types)
-        self.inputs = [Port("input_ids", TOKENS, ["batch", "seq"], torch.int64), *_attention_inputs()]
-        self.outputs = [Port("logits", ACTIVATION, ["batch", "seq", cfg.vocab_size], dtype),
-                        Port("hidden_normed", ACTIVATION, ["batch", "seq", cfg.hidden_size], dtype)]
+        self.inputs = [PortSpec("input_ids", TOKENS, ["batch", "seq"], torch.int64), *_attention_inputs()]
+        self.outputs = [PortSpec("logits", ACTIVATION, ["batch", "seq", cfg.vocab_size], dtype),
+                        PortSpec("hidden_normed", ACTIVATION, ["batch", "seq", cfg.hidden_size], dtype)]
         for i, t in enumerate(cfg.layer_types):
-            ins, outs = _state_ports(cfg, t, f"layer_{i:02d}.", dtype, kv_dtype=self.kv[i].dtype)
+            ins, outs = _state_ports(cfg, t, state_tag(i), dtype, kv_dtype=self.kv[i].dtype)
             self.inputs += ins
             self.outputs += outs
 
@@ -354,3 +435,7 @@ class ModelGraph(_WithExperts):
             outs += [cache.conv_state, cache.recurrent_state] if linear else list(self.kv[i].store(cache))
         normed = m.norm(x)
         return (self.model.lm_head(normed), normed, *outs)
+
+
+# manifest Kind -> the class that exports it and knows its reference
+KINDS = {kind: cls for cls in (EmbedGraph, LayerGraph, FinalGraph, LMHeadGraph, MTPGraph, ModelGraph) for kind in cls.kinds}

@@ -1,7 +1,7 @@
 """Running a built engine on the GPU with the same call shape as an ONNX Runtime session.
 
 `EngineSession(path).run(None, feeds)` takes and returns numpy arrays, so the validator and the
-runtime (runtime/) drive engines exactly as they drive ONNX Runtime. Before anything runs, the
+runtime drive engines (through qwen3next_trt/sessions.py) exactly as they drive ONNX Runtime. Before anything runs, the
 engine's metadata is checked against this process: TensorRT flavour and version, and every input
 shape against the engine's profile; a mismatch is an error naming the engine and tensor, never a
 silent rebuild.
@@ -9,7 +9,6 @@ silent rebuild.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from qwen3next_trt.errors import InputError
 
 from . import trt as trt_adapter
+from .metadata import read_engine_meta
 
 
 def _torch_dtype(trt, dt):
@@ -29,14 +29,11 @@ def _torch_dtype(trt, dt):
 
 
 class EngineSession:
-    def __init__(self, engine_path: str | Path):
+    def __init__(self, engine_path: str | Path, meta: dict | None = None):
         import torch
 
         self.path = Path(engine_path)
-        meta_path = self.path.with_name(self.path.name + ".json")
-        if not self.path.is_file() or not meta_path.is_file():
-            raise InputError(f"{self.path}: engine or its metadata ({meta_path.name}) not found")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = meta if meta is not None else read_engine_meta(self.path)
         want = self.meta["tensorrt"]
         self.T = trt_adapter.load(want["flavour"])
         if self.T.version != want["version"]:
