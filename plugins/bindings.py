@@ -1,7 +1,7 @@
 """TensorRT IPluginV3 bindings for the three custom ops, through the Python plugin API that tensorrt
 and tensorrt_rtx share.
 
-Each op (plugins/<op>/binding.py) is described by an `OpSpec`: its ONNX attributes (declared in the
+Each op (plugins/<op>/binding.py) is described by an `OpSpec` (plugins/opspec.py): its ONNX attributes (declared in the
 creator's `field_names`, since the parser forwards only declared attributes), the output shapes and
 dtypes, the dtype combinations it supports, its workspace, and `enqueue`, which calls the op's C
 launch function in the kernel library (plugins/build.py) on TensorRT's stream. The parser finds the
@@ -18,60 +18,19 @@ name twice.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from qwen3next_trt.errors import InputError
 
+from .causal_conv.binding import SPEC as CAUSAL_CONV
+from .linear_attention.binding import SPEC as LINEAR_ATTENTION
+from .moe.binding import SPEC as MOE
+from .opspec import Field, OpSpec
+
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
-
-
-@dataclass
-class Field:
-    name: str
-    kind: str  # "int", "float", "str"
-    default: object
-    check: Callable | None = None  # value -> error text or None
-
-
-@dataclass
-class OpSpec:
-    name: str
-    num_outputs: int
-    fields: list[Field]
-    # (fields, input dims exprs, expr builder, trt) -> list of output DimsExprs
-    output_shapes: Callable
-    # (input dtypes, trt) -> output dtypes
-    output_dtypes: Callable
-    # (pos, descs, num_inputs, trt) -> bool
-    supports: Callable
-    # (fields, input PluginTensorDescs, output descs, input ptrs, output ptrs, workspace ptr, stream, lib, trt) -> int
-    enqueue: Callable
-    # (fields, input DynamicPluginTensorDescs, output descs) -> bytes
-    workspace: Callable = field(default=lambda f, i, o: 0)
-    # (fields) -> error text or None: attribute checks that need several fields
-    validate: Callable = field(default=lambda f: None)
-
-
-DTYPE_CODES = {"FLOAT": 0, "HALF": 1, "BF16": 2}
-
-
-def dtype_code(trt, dtype) -> int:
-    for name, code in DTYPE_CODES.items():
-        if dtype == getattr(trt.DataType, name):
-            return code
-    raise RuntimeError(f"unsupported dtype {dtype}")
-
-
-def float_types(trt):
-    return (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
-
-
-def dims(desc) -> list[int]:
-    return [int(d) for d in desc.dims]
 
 
 def _field_to_trt(trt, f: Field, value):
@@ -181,11 +140,7 @@ def _load_library():
 
 
 def op_specs() -> list[OpSpec]:
-    from .causal_conv.binding import SPEC as conv
-    from .linear_attention.binding import SPEC as linear_attention
-    from .moe.binding import SPEC as moe
-
-    return [conv, linear_attention, moe]
+    return [CAUSAL_CONV, LINEAR_ATTENTION, MOE]
 
 
 def register(trt_module, library: Callable[[], ctypes.CDLL] | None = None) -> list[str]:
@@ -200,7 +155,3 @@ def register(trt_module, library: Callable[[], ctypes.CDLL] | None = None) -> li
         registry.register_creator(c, PLUGIN_NAMESPACE)
     _REGISTERED[key] = creators  # the registry does not keep Python objects alive
     return [c.name for c in creators]
-
-
-def ptr(x) -> ctypes.c_void_p:
-    return ctypes.c_void_p(int(x)) if x else ctypes.c_void_p(0)

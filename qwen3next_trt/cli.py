@@ -237,7 +237,7 @@ def cmd_validate(args) -> int:
     from qwen3next_trt.validate.validator import Validator
 
     report = Validator(args.onnx, backend=args.backend, model=args.model, report_dir=args.report,
-                       generate=args.generate, engines=args.engines, progress=lambda m: print(m, flush=True)).run()
+                       generate=args.generate, engines=args.engines, progress=lambda m: print(m, flush=True), tf32=args.tf32).run()
     print()
     print(table(report))
     out = Path(args.report) if args.report else Path(args.onnx) / "validation"
@@ -303,6 +303,12 @@ def _token_ids(text: str, what: str) -> list[int]:
         raise InputError(f"{what} {text!r}: expected comma-separated token ids, e.g. 12,7,99") from None
 
 
+def prompt_from_bytes(arg: str) -> list[int]:
+    """Byte tokens (what the tiny training uses): the argument's own bytes, valid UTF-8 or not (Python
+    hands argv over surrogate-escaped, and fsencode gives the bytes back)."""
+    return list(os.fsencode(arg))
+
+
 def cmd_generate(args) -> int:
     import time
 
@@ -315,14 +321,15 @@ def cmd_generate(args) -> int:
     tokenizer = Tokenizer(args.model) if args.model else None
     prompts = [_token_ids(p, "--prompt-ids") for p in args.prompt_ids]
     prompts += [tokenizer.encode(p) for p in args.prompt]
-    # byte tokens (what the tiny training uses): the argument's own bytes, valid UTF-8 or not
-    prompts += [list(os.fsencode(p)) for p in args.prompt_bytes]
+    prompts += [prompt_from_bytes(p) for p in args.prompt_bytes]
     if not prompts:
         raise InputError("give at least one --prompt (with --model), --prompt-ids or --prompt-bytes")
-    gen = Generator(args.onnx, engines_dir=args.engines, threads=args.threads, prefill_chunk=args.prefill_chunk)
+    if args.engines and args.device != "cpu":
+        raise InputError("--device names ONNX Runtime's provider: give it or --engines, not both")
+    gen = Generator(args.onnx, engines_dir=args.engines, threads=args.threads, prefill_chunk=args.prefill_chunk, device=args.device)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     stop = _token_ids(args.stop, "--stop") if args.stop else []
-    backend = f"TensorRT engines {args.engines}" if args.engines else "ONNX Runtime (CPU)"
+    backend = f"TensorRT engines {args.engines}" if args.engines else f"ONNX Runtime ({args.device.upper()} provider)"
     print(f"[generate] {len(prompts)} request(s), {backend}, mtp_k={args.mtp}", flush=True)
     out = [[] for _ in prompts]
     t0 = time.perf_counter()
@@ -413,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("validate", help="every exported graph vs the PyTorch reference (polygraphy), and end to end")
     s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
-    s.add_argument("--backend", default="onnxrt", choices=BACKENDS, help="onnxrt (ONNX Runtime CPU), or tensorrt (engines on the GPU, beside ONNX Runtime)")
+    s.add_argument("--backend", default="onnxrt", choices=BACKENDS, help="onnxrt (ONNX Runtime CPU); onnxrt-cuda (its CUDA "
+                   "provider, beside the CPU one); tensorrt (engines on the GPU, beside ONNX Runtime CPU)")
+    s.add_argument("--tf32", action="store_true", help="onnxrt-cuda: let float32 MatMuls use TF32 (off: compared in float32)")
     s.add_argument("--engines", help="engines directory for --backend tensorrt")
     s.add_argument("--model", help="weights to use instead of the manifest's source (e.g. a moved checkpoint)")
     s.add_argument("--report", help="report directory (default: ONNX_DIR/validation)")
@@ -464,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mtp", type=_int_range(0, 4), default=0, help="MTP speculative decoding with K draft tokens (1..4; greedy)")
     s.add_argument("--stream", action="store_true", help="print every token as it is produced")
     s.add_argument("--threads", type=_int_at_least(1), help="ONNX Runtime intra-op threads")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime's provider: CPU, or CUDA (needs onnxruntime-gpu and a GPU)")
     s.add_argument("--prefill-chunk", type=_int_at_least(1), help="prefill long prompts in chunks of this many tokens")
     s.add_argument("--json", type=output_file("--json"), help="write tokens and stats here")
     s.set_defaults(fn=cmd_generate)

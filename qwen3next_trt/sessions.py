@@ -1,13 +1,15 @@
 """Sessions over exported graphs, one layer below both `runtime/` and `validate/`.
 
 A session runs one graph: `session.run(output_names | None, feed) -> [numpy arrays]`, inputs and
-outputs as the manifest's ports name them, as ONNX Runtime's InferenceSession does. Two backends:
-- ONNX Runtime on the CPU (`OrtSession`, `onnxrt_factory`);
+outputs as the manifest's ports name them, as ONNX Runtime's InferenceSession does. Backends:
+- ONNX Runtime (`OrtSession`, `onnxrt_factory`) on the CPU provider, or on its CUDA provider
+  (`device="cuda"`, backend name `onnxrt-cuda`), which reports the provider every node was placed on;
 - TensorRT engines (`engine_factory` -> engines/session.py's EngineSession), each checked to be built
   from the very graph and weights of the export it is used with.
 A session factory maps a manifest GraphRecord to a session. numpy has neither bfloat16 nor float8:
-float8e4m3fn tensors (an FP8 KV cache) travel as uint8 arrays of the same bits (NUMPY_DTYPES).
-Nothing here imports torch, so a serving process stays light.
+float8e4m3fn tensors (an FP8 KV cache) travel as uint8 arrays of the same bits (NUMPY_DTYPES), and
+bfloat16 ones as float32 (rounded to bfloat16 on the way in, exactly widened on the way out).
+Nothing here imports torch on the CPU, so a serving process stays light.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
 # numpy has no bfloat16: bf16 tensors travel as float32 (engines cast on the way in)
 HOST_DTYPES = dict(NUMPY_DTYPES, bfloat16=np.float32)
 
-ORT_FLOAT8 = "tensor(float8e4m3fn)"
-FLOAT8_ONNX = 17  # onnx.TensorProto.FLOAT8E4M3FN (onnx itself is not needed at run time)
-BACKENDS = ("onnxrt", "tensorrt")
+ORT_FLOAT8, ORT_BF16 = "tensor(float8e4m3fn)", "tensor(bfloat16)"
+FLOAT8_ONNX, BF16_ONNX = 17, 16  # onnx.TensorProto.FLOAT8E4M3FN / BFLOAT16 (onnx itself is not needed at run time)
+BACKENDS = ("onnxrt", "onnxrt-cuda", "tensorrt")
+CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 # Environment knobs that put ONNX Runtime on other kernel paths (see validate/README.md, "Tolerances"):
 # the test suite run under them shows whether a tolerance holds beyond this CPU's choice of kernels.
@@ -59,35 +62,92 @@ def session_options(threads: int | None = None):
 
 
 class OrtSession:
-    """An ONNX Runtime (CPU) session whose float8e4m3fn inputs and outputs travel as uint8 arrays of
-    the same bits (numpy has no float8; an FP8 KV cache has such states)."""
+    """An ONNX Runtime session on the CPU provider, or on the CUDA provider (device "cuda"; the CPU
+    provider stays registered for what CUDA cannot take, and `placement()` says which nodes those were).
+    float8e4m3fn inputs and outputs travel as uint8 arrays of the same bits, bfloat16 ones as float32.
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    tf32: let the CUDA provider's float32 MatMul / Gemm use TF32 tensor cores (10 mantissa bits instead
+    of 23); off by default, so a float32 graph is compared in float32."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu", tf32: bool = False):
+        if device == "cuda":
+            try:
+                import torch  # noqa: F401  (loads the CUDA 13 libraries the CUDA provider links: PLATFORM.md)
+            except ImportError:
+                pass
         import onnxruntime as ort
 
-        self._ort = ort
+        self._ort, self.device = ort, device
+        opts = session_options(threads)
+        opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        if device == "cuda":
+            if CUDA_EP not in ort.get_available_providers():
+                raise InputError(f"{path}: the CUDA provider is not in this onnxruntime {ort.__version__} "
+                                 f"(providers: {', '.join(ort.get_available_providers())}): install onnxruntime-gpu")
+            providers = [(CUDA_EP, {"device_id": "0", "use_tf32": "1" if tf32 else "0"}), CPU_EP]
+        elif device == "cpu":
+            providers = [CPU_EP]
+        else:
+            raise InputError(f"device {device!r}: expected cpu or cuda")
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph, ort.capi.onnxruntime_pybind11_state.NoSuchFile) as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise InputError(f"{path}: ONNX Runtime cannot load it ({first})") from None
-        self.fp8_inputs = {i.name for i in self.session.get_inputs() if i.type == ORT_FLOAT8}
-        self.has_fp8 = bool(self.fp8_inputs) or any(o.type == ORT_FLOAT8 for o in self.session.get_outputs())
+        self.bits_inputs = {i.name: i.type for i in self.session.get_inputs() if i.type in (ORT_FLOAT8, ORT_BF16)}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        special_out = any(o.type in (ORT_FLOAT8, ORT_BF16) for o in self.session.get_outputs())
+        # plain numpy in and out where nothing needs converting; else OrtValues through an IO binding
+        self.plain = not self.bits_inputs and not special_out and device == "cpu"
+
+    def placement(self) -> dict[str, list[str]]:
+        """{provider: ["OpType name", ...]}: where ONNX Runtime placed each node of the graph."""
+        out: dict[str, list[str]] = {}
+        for subgraph in self.session.get_provider_graph_assignment_info():
+            out.setdefault(subgraph.ep_name, []).extend(f"{n.op_type} {n.name}" for n in subgraph.get_nodes())
+        return out
+
+    def _value(self, name: str, array):
+        OrtValue = self._ort.OrtValue
+        kind = self.bits_inputs.get(name)
+        if kind == ORT_FLOAT8:
+            return OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(array, dtype=np.uint8), FLOAT8_ONNX)
+        if kind == ORT_BF16:
+            import ml_dtypes
+
+            bits = np.ascontiguousarray(np.asarray(array, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16))
+            return OrtValue.ortvalue_from_numpy_with_onnx_type(bits, BF16_ONNX)
+        return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+    @staticmethod
+    def _host(value) -> np.ndarray:
+        if value.data_type() == ORT_BF16:  # numpy has no bfloat16: copy the bits out, widen exactly
+            import ctypes
+
+            import ml_dtypes
+
+            bits = np.empty(value.shape(), np.uint16)
+            ctypes.memmove(bits.ctypes.data, value.data_ptr(), bits.nbytes)
+            return bits.view(ml_dtypes.bfloat16).astype(np.float32)
+        return value.numpy()
 
     def run(self, names, feed: dict) -> list[np.ndarray]:
-        if not self.has_fp8:
+        if self.plain:
             return self.session.run(names, feed)
-        OrtValue = self._ort.OrtValue
-        values = {k: OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(v, dtype=np.uint8), FLOAT8_ONNX)
-                  if k in self.fp8_inputs else OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
-        return [o.numpy() for o in self.session.run_with_ort_values(names or self.output_names, values)]
+        binding = self.session.io_binding()
+        for k, v in feed.items():
+            binding.bind_ortvalue_input(k, self._value(k, v))
+        names = names or self.output_names
+        for name in names:
+            binding.bind_output(name, "cpu")  # outputs come back to the host, whichever provider ran the node
+        self.session.run_with_iobinding(binding)
+        return [self._host(v) for v in binding.get_outputs()]
 
 
-def onnxrt_factory(onnx_dir: str | Path, threads: int | None = None):
-    """GraphRecord -> OrtSession over the export's graph file."""
-    return lambda record: OrtSession(Path(onnx_dir) / record.file, threads)
+def onnxrt_factory(onnx_dir: str | Path, threads: int | None = None, device: str = "cpu", tf32: bool = False):
+    """GraphRecord -> OrtSession over the export's graph file (device: cpu or cuda)."""
+    return lambda record: OrtSession(Path(onnx_dir) / record.file, threads, device, tf32)
 
 
 def engine_path(engines_dir: str | Path, record) -> Path:

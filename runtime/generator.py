@@ -81,10 +81,10 @@ class Generator:
     """Generation over one export. `engines_dir` runs TensorRT engines instead of ONNX Runtime."""
 
     def __init__(self, onnx_dir: str | Path, engines_dir: str | Path | None = None, session_factory=None,
-                 threads: int | None = None, prefill_chunk: int | None = None, mtp: bool | None = None):
+                 threads: int | None = None, prefill_chunk: int | None = None, mtp: bool | None = None, device: str = "cpu"):
         manifest = Manifest.load(onnx_dir)
         if session_factory is None:
-            session_factory = engine_factory(engines_dir, manifest) if engines_dir is not None else onnxrt_factory(onnx_dir, threads)
+            session_factory = engine_factory(engines_dir, manifest) if engines_dir is not None else onnxrt_factory(onnx_dir, threads, device)
         self.model = GraphModel(onnx_dir, session_factory, manifest, mtp=mtp)
         self.vocab_size = self.model.manifest.vocab_size
         self.max_context = self.model.manifest.context_limit

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwen3next_trt.export.manifest import GraphRecord, Role
-from qwen3next_trt.sessions import NUMPY_DTYPES
+from qwen3next_trt.sessions import host_dtype
 
 
 @dataclass
@@ -42,7 +42,7 @@ class StateStore:
                 if p.grows and p.shape.index("past") != 2:
                     raise ValueError(f"{rec.name}: {p.name}: expected the past dim on axis 2, got {p.shape}")
                 shape = [batch if d == "batch" else capacity if d == "past" else d for d in p.shape]
-                slots.append(Slot(p.name, out_of_state[p.state], np.zeros(shape, NUMPY_DTYPES[p.dtype]), p.grows))
+                slots.append(Slot(p.name, out_of_state[p.state], np.zeros(shape, host_dtype(p.dtype)), p.grows))
             self.layers.append(slots)
             self.attention.append(rec.is_attention)
         self.mask = np.zeros((batch, capacity), np.bool_)

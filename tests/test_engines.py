@@ -77,6 +77,16 @@ def test_unchanged_graphs_are_not_rebuilt_and_changed_weights_are(tiny_export, e
     data = bytearray((onnx_dir / "layer_01.weights").read_bytes())
     data[1024:1028] = np.float32(0.5).tobytes()
     (onnx_dir / "layer_01.weights").write_bytes(bytes(data))
+    # weights changed behind the manifest's back: refused, naming the file
+    one_error_line(capsys, main(["build", "--onnx", str(onnx_dir), "--out", str(out), "--graphs", "layer_00,layer_01,final"]),
+                   "layer_01.weights", "content hash")
+    # as an export of the changed layer records it: only that layer's engines are built again
+    from qwen3next_trt.export.manifest import Manifest
+    from qwen3next_trt.hashing import file_sha256
+
+    m = Manifest.load(onnx_dir)
+    m.weights["layer_01.weights"].sha256 = file_sha256(onnx_dir / "layer_01.weights")
+    m.write(onnx_dir)
     assert main(["build", "--onnx", str(onnx_dir), "--out", str(out), "--graphs", "layer_00,layer_01,final"]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.engine")}
     changed = {n for n in after if after[n] != before[n]}

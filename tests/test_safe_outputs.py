@@ -190,10 +190,9 @@ class _FakeModel:
     """The runtime's view of an export whose logits turn NaN on its fourth pass: the two prefills (the
     prompts differ in length), one decode, then NaN in the second decode."""
 
-    def __init__(self, onnx_dir, session_factory, mtp=None):
+    def __init__(self, onnx_dir, session_factory, manifest=None, mtp=None):
         self.dir, self.calls, self.has_mtp = Path(onnx_dir), 0, False
-        self.config = {"vocab_size": 16, "max_position_embeddings": 64}
-        self.manifest = {"max_positions": 64, "dtype": "fp16", "config": self.config}
+        self.manifest = SimpleNamespace(context_limit=64, dtype="fp16", vocab_size=16)
 
     def new_store(self, batch, capacity):
         return SimpleNamespace(mask=np.zeros((batch, capacity), bool))

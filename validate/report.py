@@ -36,6 +36,7 @@ class Report:
     end_to_end: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    placement: dict = field(default_factory=dict)  # onnxrt-cuda: {graph: {provider: nodes}}
 
     @property
     def passed(self) -> bool:

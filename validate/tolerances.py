@@ -96,12 +96,12 @@ def kv_rounding_effect(part, feeds: list[dict], rounded: list) -> list[dict[str,
     the rounding's own effect on that output; the per-layer graphs, fed identical inputs, keep the
     strict one-step rule and catch a graph that rounds wrongly.
     """
-    quantized = part.fake_quantize_kv
-    part.fake_quantize_kv = False
+    quantized = part.context.fake_quantize_kv
+    part.context.fake_quantize_kv = False
     try:
         float_kv = [part(feed) for feed in feeds]
     finally:
-        part.fake_quantize_kv = quantized
+        part.context.fake_quantize_kv = quantized
     return [{name: metrics(r[name], f[name])[0] for name in r} for r, f in zip(rounded, float_kv)]
 
 

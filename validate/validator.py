@@ -31,7 +31,7 @@ from .tolerances import TOLERANCES
 class Validator:
     def __init__(self, onnx_dir: str | Path, backend: str = "onnxrt", model: str | None = None,
                  report_dir: str | Path | None = None, generate: int = 24, engines: str | Path | None = None,
-                 progress=print):
+                 progress=print, tf32: bool = False):
         self.dir = Path(onnx_dir)
         self.manifest = Manifest.load(self.dir)
         if backend not in BACKENDS:
@@ -39,11 +39,15 @@ class Validator:
         bf16 = self.manifest.dtype == "bf16"
         if backend == "onnxrt" and bf16:
             raise InputError(f"{self.manifest.path}: a bf16 export: ONNX Runtime's CPU provider has no bfloat16 kernels "
-                             "(MatMul among them); validate fp32 or fp16 exports on CPU, bf16 ones with --backend tensorrt")
+                             "(MatMul among them); validate fp32 or fp16 exports on CPU, bf16 ones with --backend "
+                             "onnxrt-cuda or tensorrt")
         if backend == "tensorrt" and engines is None:
             raise InputError("--backend tensorrt needs --engines DIR (the output of `qwen3next-trt build`)")
-        # TensorRT is compared three ways: against the reference, and beside ONNX Runtime on the same feeds.
-        self.backends = ["onnxrt"] if backend == "onnxrt" else (["tensorrt"] if bf16 else ["onnxrt", "tensorrt"])
+        # A GPU backend is compared three ways: against the reference, and beside ONNX Runtime's CPU
+        # provider on the same feeds (which has no bfloat16 kernels).
+        self.backends = ["onnxrt"] if backend == "onnxrt" else ([backend] if bf16 else ["onnxrt", backend])
+        self.tf32 = tf32
+        self.placement: dict[str, dict[str, list[str]]] = {}
         self.engines = Path(engines) if engines else None
         self.backend, self.generate = backend, generate
         self.notes: list[str] = []
@@ -74,6 +78,9 @@ class Validator:
         import onnxruntime as ort
 
         device = f"onnxrt: cpu (onnxruntime {ort.__version__} CPUExecutionProvider)"
+        if "onnxrt-cuda" in self.backends:
+            gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible to torch"
+            device += f"; onnxrt-cuda: {gpu} (onnxruntime {ort.__version__} CUDAExecutionProvider, TF32 {'on' if self.tf32 else 'off'})"
         if "tensorrt" in self.backends:
             device += f"; tensorrt: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
         report = Report(str(self.dir), "+".join(self.backends), device, self.manifest.dtype, self.tol)
@@ -91,6 +98,12 @@ class Validator:
                           f"max abs {worst:.2e}  {time.time() - t:5.1f} s")
             del part
         report.end_to_end.update(self._end_to_end(report))
+        report.placement = {g: {ep: len(nodes) for ep, nodes in p.items()} for g, p in self.placement.items()}
+        off_gpu = {g: [n for ep, nodes in p.items() if ep != "CUDAExecutionProvider" for n in nodes] for g, p in self.placement.items()}
+        for g, nodes in off_gpu.items():
+            if nodes:  # no silent CPU fallback: every node the CUDA provider did not take is named
+                report.notes.append(f"{g}: onnxrt-cuda ran {len(nodes)} node(s) on the CPU provider: {', '.join(nodes[:6])}"
+                                    + (" ..." if len(nodes) > 6 else ""))
         report.notes = self.notes + report.notes
         report.seconds = time.time() - t0
         write_report(report, self.report_dir)
@@ -99,6 +112,10 @@ class Validator:
     def _session(self, backend: str, rec: GraphRecord):
         if backend == "onnxrt":
             return OrtSession(self.dir / rec.file)
+        if backend == "onnxrt-cuda":
+            session = OrtSession(self.dir / rec.file, device="cuda", tf32=self.tf32)
+            self.placement[rec.name] = session.placement()
+            return session
         if not engine_path(self.engines, rec).is_file():
             raise LookupError(f"no engine {engine_path(self.engines, rec).name} in {self.engines}")
         return open_engine(self.engines, rec, self.manifest)

@@ -4,7 +4,7 @@ Inputs: input [B, C, T], weight [C, 1, K], bias [C], past_state [B, C, K-1]; out
 [B, C, T], present_state [B, C, K-1]. One float dtype for all (float32, float16, bfloat16).
 """
 
-from ..bindings import Field, OpSpec, dims, dtype_code, float_types, ptr
+from ..opspec import Field, OpSpec, dims, dtype_code, float_types, ptr
 
 ACTIVATIONS = {"none": 0, "silu": 1}
 

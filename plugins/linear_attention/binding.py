@@ -5,7 +5,7 @@ Inputs: query, key [B, T, Hk*Dk], value [B, T, Hv*Dv], past_state [B, Hv, Dk, Dv
 q/k/v/decay/beta/output share one float dtype; the states are float32 always.
 """
 
-from ..bindings import Field, OpSpec, dims, dtype_code, float_types, ptr
+from ..opspec import Field, OpSpec, dims, dtype_code, float_types, ptr
 
 MAX_HEAD_DIM = 256
 

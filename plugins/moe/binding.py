@@ -5,7 +5,7 @@ Inputs: input [N, H] (or [B, T, H]), router_probs [N, E] (router logits), fc1_ex
 fc2_experts_bias [E, H]; output: like input. One float dtype for all.
 """
 
-from ..bindings import Field, OpSpec, dims, dtype_code, float_types, ptr
+from ..opspec import Field, OpSpec, dims, dtype_code, float_types, ptr
 
 
 def _shapes(values, inputs, builder, trt):
