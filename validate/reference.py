@@ -19,8 +19,10 @@ from qwen3next_trt.export.manifest import GraphRecord, Manifest
 from qwen3next_trt.model import AttentionCache
 from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_, fake_quantize_activations_, kv_quantizer
 from qwen3next_trt.model.loader import RANDOM_INIT_VERSION, WeightSource
-from qwen3next_trt.model.modeling_qwen3_next import Qwen3NextRotaryEmbedding
+from qwen3next_trt.model.modeling_qwen3_next import Qwen3NextRotaryEmbedding, Qwen3NextSparseMoeBlock
 from qwen3next_trt.sessions import torch_dtype
+
+from .tolerances import routing_near_ties
 
 
 def weight_quantizer(manifest: Manifest, source: WeightSource) -> WeightQuantizer | None:
@@ -48,6 +50,27 @@ def weight_source(manifest: Manifest, model: str | None = None) -> WeightSource:
 def dequantize_kv(bits: np.ndarray, scale: float) -> np.ndarray:
     """float32 values of float8e4m3fn bits (uint8) times the state's scale."""
     return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn).float().numpy() * np.float32(scale)
+
+
+def routing_ties(modules, run, unit_roundoff: float) -> list:
+    """Run `run()` with the MoE routers of `modules` watched; per router call (in call order), a boolean
+    per token of that call: a routing near-tie (tolerances.routing_near_ties)."""
+    blocks = [b for m in modules for b in m.modules() if isinstance(b, Qwen3NextSparseMoeBlock)]
+    found = []
+
+    def watch(block):
+        def hook(gate, inputs, logits):
+            found.append(routing_near_ties(inputs[0].detach(), logits.detach(), gate.weight.detach(), block.top_k, unit_roundoff))
+        return block.gate.register_forward_hook(hook)
+
+    handles = [watch(b) for b in blocks]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 class ReferenceContext:
@@ -89,6 +112,12 @@ class ReferencePart:
         for m in mods:
             m.to(torch.float32)
         self.context = ReferenceContext(self.config, self.kv_scales, fake_quantize_kv)
+
+    def routing_ties(self, feed: dict, unit_roundoff: float) -> list:
+        """Per MoE router of this graph (in call order): which of the feed's tokens (flattened batch x
+        sequence) sit at a routing near-tie. Empty for a graph without MoE."""
+        mods = self.module if isinstance(self.module, tuple) else (self.module,)
+        return routing_ties(mods, lambda: self(feed), unit_roundoff)
 
     @torch.no_grad()
     def __call__(self, feed: dict) -> OrderedDict:

@@ -139,3 +139,31 @@ def greedy_check(tokens: np.ndarray, expected: np.ndarray, ref_logits: np.ndarra
         "near_ties": int(near_tie.sum()),
         "first_divergence": first_divergence,
     }
+
+
+# Top-k routing in a 16-bit export. The router's logits come out of a 16-bit graph: its input x is
+# rounded to 16 bits (and carries the layer's upstream 16-bit error), so where the reference's k-th and
+# (k+1)-th best logits are closer than that moves them, the graph may pick the other expert,
+# legitimately: that token's MoE output then differs by a whole expert's contribution (seen: fp16 tiny,
+# one token with a logit gap of 1.6e-5 off by 0.137 where the rest is 1e-3; NOTES.md, issue 17). The
+# roundings of the H terms x_i w_i are independent, so they add in quadrature: the bound per token is
+# ROUTING_MARGIN unit roundoffs of ||x * w_a||_2 + ||x * w_b||_2 for the two experts a, b (4 standard
+# deviations; float32 accumulation, as ONNX Runtime's CPU and CUDA 16-bit GEMMs do). On the tiny fp16
+# export this marks 0-4 of 140 tokens per layer. float32 exports: no allowance.
+UNIT_ROUNDOFF = {"fp16": 2.0**-11, "bf16": 2.0**-8}
+ROUTING_MARGIN = 4
+
+
+def routing_near_ties(x, logits, weight, k: int, unit_roundoff: float):
+    """Boolean per token (torch, [N]): the k-th and (k+1)-th router logits are within what 16-bit
+    rounding can move them. x [N, H] router input, logits [N, E], weight [E, H]."""
+    import torch
+
+    if logits.shape[-1] <= k:  # every expert is chosen: nothing to tie
+        return torch.zeros(logits.shape[0], dtype=torch.bool)
+    top = logits.float().topk(k + 1, -1)
+    gap = top.values[:, k - 1] - top.values[:, k]
+    a, b = top.indices[:, k - 1], top.indices[:, k]
+    x, w = x.float(), weight.float()
+    scale = (x * w[a]).norm(dim=-1) + (x * w[b]).norm(dim=-1)
+    return gap <= ROUTING_MARGIN * unit_roundoff * scale

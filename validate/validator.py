@@ -25,7 +25,7 @@ from .generation import greedy_parity, reference_model
 from .reference import ReferencePart, weight_quantizer, weight_source
 from .report import Report, write_report
 from .runners import session_runner
-from .tolerances import TOLERANCES
+from .tolerances import TOLERANCES, UNIT_ROUNDOFF
 
 
 class Validator:
@@ -91,7 +91,7 @@ class Validator:
             part = ReferencePart(records[0], self.source, self.quantizer, self.act_scales, self.manifest.kv_scales(records[0]))
             for rec in records:
                 report.rows += compare_graph(rec, part, self._runners(rec, part.kv_scales), self.manifest.vocab_size,
-                                             self.tol, self.report_dir)
+                                             self.tol, self.report_dir, UNIT_ROUNDOFF.get(self.manifest.dtype))
             names = {x.name for x in records}
             worst = max((r.max_abs for r in report.rows if r.graph in names), default=0.0)
             self.progress(f"[validate] {i}/{len(groups)} {weights.removesuffix('.weights'):<10} "
@@ -160,9 +160,11 @@ class Validator:
                 continue
             if model is None:
                 model = reference_model(self.source, self.manifest, self.quantizer)
-            row = greedy_parity(generator, model, self.manifest.vocab_size, self.generate, self.tol)
+            row = greedy_parity(generator, model, self.manifest.vocab_size, self.generate, self.tol,
+                                UNIT_ROUNDOFF.get(self.manifest.dtype))
             out[f"greedy_per_layer_graphs[{backend}]"] = row
             self.progress(f"[validate] {backend}: greedy {self.generate} tokens through per-layer graphs: agreement "
                           f"{row['token_agreement']:.1%} ({row['near_ties']} near-ties), "
-                          f"logits max abs {row['logits_max_abs']:.2e} (tolerance {row['tolerance']:.1e})")
+                          f"logits max abs {row['logits_max_abs']:.2e} (tolerance {row['tolerance']:.1e})"
+                          + (f"; {row.get('routing_near_tie') or row.get('excused')}" if row.get("routing_near_tie") or row.get("excused") else ""))
         return out
