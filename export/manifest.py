@@ -419,9 +419,6 @@ class Manifest:
         raise InputError(f"{self.path}: no graph {name!r} (have {', '.join(g.name for g in self.graphs[:4])}"
                          f"{' ...' if len(self.graphs) > 4 else ''})")
 
-    def graph_of_file(self, file: str) -> GraphRecord:
-        return next(g for g in self.graphs if g.file == file)
-
     def layer(self, i: int, mode: str) -> GraphRecord:
         return self.graph(layer_graph_name(i, mode))
 

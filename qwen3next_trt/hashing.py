@@ -19,6 +19,7 @@ def file_sha256(path: str | Path) -> str:
 # metadata change gives another ctime or inode, so a recorded hash is reused only for the very same
 # bytes. This is what makes verifying an 80 GB export cost seconds after its first read.
 HASH_CACHE_ENV = "QWEN3NEXT_TRT_HASH_CACHE"  # a file path, or "off" to hash every time
+CACHE_ENTRIES = 4096  # past this many, entries of files that no longer exist are dropped
 
 
 def _identity(path: Path) -> list[int]:
@@ -69,6 +70,8 @@ def verified_sha256(path: str | Path) -> tuple[str, bool]:
     if cache_file is not None:
         cache = _load_cache(cache_file)  # another process may have added entries meanwhile
         cache[str(path)] = {"identity": ident, "sha256": digest}
+        if len(cache) > CACHE_ENTRIES:  # forget files that are gone (deleted exports, test folders)
+            cache = {k: v for k, v in cache.items() if Path(k).exists()}
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")

@@ -154,6 +154,22 @@ def test_verified_hash_is_cached_per_file_identity(tmp_path, monkeypatch):
     assert verified_sha256(f)[0] == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
+def test_hash_cache_forgets_files_that_are_gone(tmp_path, monkeypatch):
+    from qwen3next_trt import hashing
+
+    monkeypatch.setenv("QWEN3NEXT_TRT_HASH_CACHE", str(tmp_path / "cache.json"))
+    monkeypatch.setattr(hashing, "CACHE_ENTRIES", 3)
+    files = [tmp_path / f"w{i}.bin" for i in range(5)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 10)
+        verified_sha256(f)
+        if i < 3:
+            f.unlink()  # gone before the next one is recorded
+    kept = json.loads((tmp_path / "cache.json").read_text())
+    assert set(kept) == {str(f.resolve()) for f in files[3:]}
+    assert verified_sha256(files[4]) == (hashlib.sha256(bytes([4]) * 10).hexdigest(), False)
+
+
 def test_manifest_round_trips(exports):
     m = Manifest.load(exports / "a")
     assert m.to_json() == {k: v for k, v in _manifest(exports / "a").items()}
