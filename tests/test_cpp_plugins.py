@@ -41,12 +41,26 @@ def library():
     return build.cpp_library_path(progress=lambda m: None)
 
 
+# A harness built elsewhere (a GPU machine without g++ or TensorRT headers: bench/device/cpp_plugins_gpu.sh)
+HARNESS_ENV = "QWEN3NEXT_TRT_PLUGIN_HARNESS"
+
+
 @pytest.fixture(scope="module")
-def tools(tmp_path_factory):
+def harness_exe(tmp_path_factory):
+    if os.environ.get(HARNESS_ENV):
+        return os.environ[HARNESS_ENV]
+    d = tmp_path_factory.mktemp("harness_exe")
+    # the CUDA runtime linked statically: only the `enqueue` command (GPU tests) calls it
+    _gxx(str(HARNESS_DIR / "harness.cpp"), "-o", str(d / "harness"), f"-L{build._cuda_home() / 'lib64'}", "-lcudart_static",
+         "-ldl", "-lpthread", "-lrt")
+    return d / "harness"
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory, harness_exe):
     """The harness and stand-in runtimes: libnvinfer.so.10 (the registry layout of the 10.14 headers
     the library is built with here) and libtensorrt_rtx.so.1 (11.x layout: must be left alone)."""
     d = tmp_path_factory.mktemp("harness")
-    _gxx(str(HARNESS_DIR / "harness.cpp"), "-o", str(d / "harness"), "-ldl")
     _gxx("-fPIC", "-c", str(HARNESS_DIR / "registry.cpp"), "-o", str(d / "registry.o"))
     runtimes = {}
     for soname in ("libnvinfer.so.10", "libtensorrt_rtx.so.1"):
@@ -54,7 +68,7 @@ def tools(tmp_path_factory):
         runtimes[soname] = d / soname.split(".")[0] / soname
         subprocess.run(["g++", "-shared", f"-Wl,-soname,{soname}", str(d / "registry.o"), "-o", str(runtimes[soname])],
                        check=True, capture_output=True)
-    return d / "harness", runtimes
+    return harness_exe, runtimes
 
 
 class Harness:
@@ -72,8 +86,8 @@ class Harness:
 
 
 @pytest.fixture(scope="module")
-def harness(tools, library):
-    h = Harness(tools[0], library)
+def harness(harness_exe, library):
+    h = Harness(harness_exe, library)
     yield h
     h.close()
 
@@ -317,3 +331,96 @@ def test_tensorrt_root_without_headers_is_one_error_line(tmp_path, monkeypatch, 
     assert main(["plugin-library"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0] == f"error: TENSORRT_ROOT={tmp_path}: expected {tmp_path}/include/NvInferRuntime.h (a TensorRT install's headers)"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the library's plugins enqueued as an execution context does (harness `enqueue`: configurePlugin,
+# onShapeChange, a garbage-filled workspace, enqueue on a stream, outputs NaN-filled first), against
+# the reference model's functions in float32 on the CPU (model/modeling_qwen3_next.py).
+
+def _enqueue(harness, tmp_path, op: str, fields: dict, inputs: list, outputs: list[tuple]) -> list:
+    import numpy as np
+
+    kinds = {"int": "i", "float": "f", "str": "s"}
+    args = " ".join(f"{f.name}={kinds[f.kind]}:{fields[f.name]}" for f in SPECS[op].fields if f.name in fields)
+    created = harness(f"create {op} node_{op} runtime {args}")
+    assert created["ok"], created
+    lines, paths = [], []
+    for i, a in enumerate(inputs):
+        path = tmp_path / f"in{i}.bin"
+        np.ascontiguousarray(a.numpy(), dtype=np.float32).tofile(path)
+        lines.append(f"in {DT['FLOAT']} {'x'.join(map(str, a.shape))} {path}")
+    for j, shape in enumerate(outputs):
+        paths.append(tmp_path / f"out{j}.bin")
+        lines.append(f"out {DT['FLOAT']} {'x'.join(map(str, shape))} {paths[-1]}")
+    (tmp_path / "spec.txt").write_text("\n".join(lines) + "\n")
+    ran = harness(f"enqueue {tmp_path / 'spec.txt'}")
+    assert ran.get("rc") == 0 and ran.get("cuda") == "no error", ran
+    import torch
+
+    return [torch.from_numpy(np.fromfile(p, np.float32).reshape(shape)) for p, shape in zip(paths, outputs)]
+
+
+def _close(got, want, what: str, tol: float = 1e-4):
+    err = (got - want).abs().max().item()
+    assert got.isfinite().all() and err <= tol * max(1.0, want.abs().max().item()), f"{what}: max abs error {err:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 70])
+def test_enqueue_causal_conv_on_the_gpu(harness, tmp_path, T):
+    import torch
+
+    from qwen3next_trt.model.modeling_qwen3_next import causal_conv1d_with_state
+
+    g = torch.Generator().manual_seed(T)
+    B, C, K = 2, 96, 4
+    x, w, bias, past = (torch.randn(s, generator=g) for s in ((B, C, T), (C, 1, K), (C,), (B, C, K - 1)))
+    y, state = _enqueue(harness, tmp_path, "CausalConvWithState", {"activation": "silu", "ndim": 1}, [x, w, bias, past],
+                        [(B, C, T), (B, C, K - 1)])
+    y_ref, state_ref = causal_conv1d_with_state(x, w, past, bias)
+    _close(y, y_ref, "output")
+    _close(state, state_ref, "present state")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 70])
+def test_enqueue_linear_attention_on_the_gpu(harness, tmp_path, T):
+    import torch
+
+    from qwen3next_trt.model.modeling_qwen3_next import linear_attention
+
+    g = torch.Generator().manual_seed(100 + T)
+    B, Hk, Hv, Dk, Dv = 2, 2, 4, 128, 128
+    q = torch.nn.functional.normalize(torch.randn(B, T, Hk, Dk, generator=g), dim=-1).reshape(B, T, Hk * Dk)
+    k = torch.nn.functional.normalize(torch.randn(B, T, Hk, Dk, generator=g), dim=-1).reshape(B, T, Hk * Dk)
+    v = torch.randn(B, T, Hv * Dv, generator=g)
+    past = torch.randn(B, Hv, Dk, Dv, generator=g)
+    decay = -torch.rand(B, T, Hv, generator=g) ** 2 * 3  # log space
+    beta = torch.rand(B, T, Hv, generator=g)
+    scale = Dk**-0.5
+    out, state = _enqueue(harness, tmp_path, "LinearAttention",
+                          {"q_num_heads": Hk, "kv_num_heads": Hv, "update_rule": "gated_delta", "scale": scale},
+                          [q, k, v, past, decay, beta], [(B, T, Hv * Dv), (B, Hv, Dk, Dv)])
+    out_ref, state_ref = linear_attention(q, k, v, past, decay, beta, Hk, Hv, scale)
+    _close(out, out_ref, "output")
+    _close(state, state_ref, "present state")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [1, 0])
+def test_enqueue_moe_on_the_gpu(harness, tmp_path, normalize):
+    import torch
+
+    from qwen3next_trt.model.modeling_qwen3_next import moe_dispatch, route_tokens
+
+    g = torch.Generator().manual_seed(7 + normalize)
+    N, H, I, E, k = 9, 64, 32, 8, 2
+    x, logits = torch.randn(N, H, generator=g), torch.randn(N, E, generator=g)
+    fc1, fc2 = 0.2 * torch.randn(E, 2 * I, H, generator=g), 0.2 * torch.randn(E, H, I, generator=g)
+    fields = {"k": k, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": normalize,
+              "use_sparse_mixer": 0, "activation_alpha": 1.0, "activation_beta": 0.0}
+    (out,) = _enqueue(harness, tmp_path, "MoE", fields, [x, logits, fc1, torch.zeros(E, 2 * I), fc2, torch.zeros(E, H)], [(N, H)])
+    weights, selected = route_tokens(logits, k, bool(normalize))
+    ref = moe_dispatch(x, weights, selected, fc1[:, 0::2], fc1[:, 1::2], fc2)  # rows interleaved gate, up
+    _close(out, ref, "output")

@@ -9,17 +9,26 @@
 //     shapes DIMS...                             getOutputShapes, inputs 2x5x64 ... as constant exprs
 //     supports POS FMT T...                      supportsFormatCombination (inputs then outputs)
 //     workspace DIMS...                          getWorkspaceSize, inputs' max dims
+//     enqueue SPEC                               on the GPU, as an execution context does: configurePlugin,
+//                                                onShapeChange, a workspace of getWorkspaceSize bytes
+//                                                filled with garbage, enqueue on a stream; SPEC lists one
+//                                                tensor a line, "in|out DTYPE DIMS FILE" (raw bytes):
+//                                                inputs are read from FILE, outputs (NaN-filled first)
+//                                                written there
 //   harness selfreg REGISTRY_LIB LIB [LIB2]      dlopen a stand-in TensorRT runtime (registry.cpp), then the
 //                                                library; report what its load-time registration did, then
 //                                                act as loadLibrary does (getCreators + registerCreator);
 //                                                then dlopen LIB2 (a copy of LIB) and report its registration
 #include "NvInferRuntime.h"
 
+#include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
@@ -141,6 +150,7 @@ struct Session {
     std::vector<IPluginCreatorV3One*> creators;
     std::unique_ptr<IPluginV3> plugin;
     IPluginV3OneBuild* build = nullptr;
+    IPluginV3OneRuntime* runtime = nullptr;
 
     IPluginCreatorV3One* creator(std::string const& name) {
         for (auto* c : creators)
@@ -209,6 +219,7 @@ struct Session {
         auto* core = static_cast<IPluginV3OneCore*>(p->getCapabilityInterface(PluginCapabilityType::kCORE));
         build = static_cast<IPluginV3OneBuild*>(p->getCapabilityInterface(PluginCapabilityType::kBUILD));
         auto* run = static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        runtime = run;
         std::string serialized = fieldsJson(run->getFieldsToSerialize(), true);
         // What a plan stores is the serialized fields: rebuilding from them must give them back.
         IPluginV3* again = c->createPlugin(name.c_str(), run->getFieldsToSerialize(), TensorRTPhase::kRUNTIME);
@@ -304,6 +315,90 @@ struct Session {
         return "{\"bytes\":" + std::to_string(bytes) + "}";
     }
 
+    static size_t elementSize(DataType t) {
+        switch (t) {
+            case DataType::kFLOAT:
+            case DataType::kINT32: return 4;
+            case DataType::kHALF:
+            case DataType::kBF16: return 2;
+            case DataType::kINT64: return 8;
+            default: return 1;
+        }
+    }
+
+    std::string enqueue(std::istringstream& in) {
+        struct Tensor {
+            bool output;
+            PluginTensorDesc desc;
+            std::string path;
+            size_t bytes;
+            void* device;
+        };
+        std::string specPath, io, dimsText, file;
+        int type;
+        in >> specPath;
+        std::ifstream spec(specPath);
+        std::vector<Tensor> tensors;
+        while (spec >> io >> type >> dimsText >> file) {
+            Tensor t{io == "out", {}, file, 0, nullptr};
+            t.desc.dims = parseDims(dimsText);
+            t.desc.type = static_cast<DataType>(type);
+            t.desc.format = TensorFormat::kLINEAR;
+            t.desc.scale = 1.0F;
+            size_t n = 1;
+            for (int32_t k = 0; k < t.desc.dims.nbDims; ++k) n *= static_cast<size_t>(t.desc.dims.d[k]);
+            t.bytes = n * elementSize(t.desc.type);
+            tensors.push_back(t);
+        }
+        std::vector<PluginTensorDesc> inDesc, outDesc;
+        std::vector<DynamicPluginTensorDesc> inDyn, outDyn;
+        std::vector<void*> inPtr, outPtr;
+        cudaError_t err = cudaSuccess;
+        for (auto& t : tensors) {
+            err = cudaMalloc(&t.device, std::max<size_t>(t.bytes, 1));
+            if (err != cudaSuccess) return "{\"error\":" + esc(cudaGetErrorString(err)) + "}";
+            if (t.output) {
+                cudaMemset(t.device, 0xFF, t.bytes);  // NaN in every float type: an output left unwritten shows
+            } else {
+                std::vector<char> host(t.bytes);
+                std::ifstream f(t.path, std::ios::binary);
+                f.read(host.data(), static_cast<std::streamsize>(t.bytes));
+                if (static_cast<size_t>(f.gcount()) != t.bytes) return "{\"error\":" + esc("short input file " + t.path) + "}";
+                cudaMemcpy(t.device, host.data(), t.bytes, cudaMemcpyHostToDevice);
+            }
+            DynamicPluginTensorDesc d{};
+            d.desc = t.desc;
+            d.min = d.opt = d.max = t.desc.dims;
+            (t.output ? outDesc : inDesc).push_back(t.desc);
+            (t.output ? outDyn : inDyn).push_back(d);
+            (t.output ? outPtr : inPtr).push_back(t.device);
+        }
+        int32_t nbIn = static_cast<int32_t>(inDesc.size()), nbOut = static_cast<int32_t>(outDesc.size());
+        int32_t configured = build->configurePlugin(inDyn.data(), nbIn, outDyn.data(), nbOut);
+        int32_t shaped = runtime->onShapeChange(inDesc.data(), nbIn, outDesc.data(), nbOut);
+        size_t wsBytes = build->getWorkspaceSize(inDyn.data(), nbIn, outDyn.data(), nbOut);
+        void* workspace = nullptr;
+        cudaMalloc(&workspace, std::max<size_t>(wsBytes, 1));
+        cudaMemset(workspace, 0xA5, wsBytes);  // TensorRT hands over whatever the last user left there
+        cudaStream_t stream;
+        cudaStreamCreate(&stream);
+        int32_t rc = runtime->enqueue(inDesc.data(), outDesc.data(), inPtr.data(), outPtr.data(), workspace, stream);
+        err = cudaStreamSynchronize(stream);
+        for (auto& t : tensors) {
+            if (t.output && err == cudaSuccess) {
+                std::vector<char> host(t.bytes);
+                cudaMemcpy(host.data(), t.device, t.bytes, cudaMemcpyDeviceToHost);
+                std::ofstream(t.path, std::ios::binary).write(host.data(), static_cast<std::streamsize>(t.bytes));
+            }
+            cudaFree(t.device);
+        }
+        cudaFree(workspace);
+        cudaStreamDestroy(stream);
+        return "{\"rc\":" + std::to_string(rc) + ",\"configure\":" + std::to_string(configured) +
+               ",\"shape_change\":" + std::to_string(shaped) + ",\"workspace\":" + std::to_string(wsBytes) +
+               ",\"cuda\":" + esc(cudaGetErrorString(err)) + ",\"error\":" + esc(lastError()) + "}";
+    }
+
     int serve(char const* path) {
         lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
         if (!lib) {
@@ -347,6 +442,7 @@ struct Session {
             else if (cmd == "shapes") out = shapes(in);
             else if (cmd == "supports") out = supports(in);
             else if (cmd == "workspace") out = workspace(in);
+            else if (cmd == "enqueue") out = enqueue(in);
             else out = "{\"error\":\"unknown command\"}";
             std::printf("%s\n", out.c_str());
             std::fflush(stdout);
