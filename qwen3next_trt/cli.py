@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: attention key/value states as FP8 E4M3 with calibrated per-layer scales (half the KV bytes)")
     s.add_argument("--calib", type=int, default=16, help="calibration sequences (256 tokens each) for --activations fp8")
     s.add_argument("--calib-percentile", type=float, help="use this percentile of |x| instead of the max (e.g. 99.99)")
-    s.add_argument("--calib-file", help="calibration file (JSON): scales of layers already in it are reused, new ones added "
+    s.add_argument("--calib-file", type=output_file("--calib-file"), help="calibration file (JSON): scales of layers already in it are reused, new ones added "
                                         "after every layer (resume, or split a long calibration); made by `calibrate` or here")
     s.add_argument("--device", default="cpu", help="where calibration runs: cpu (float32) or cuda[:N] (bf16, ranges in float32); "
                                                    "tracing is CPU work either way")
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("calibrate", help="FP8 activation / KV-cache scales into a calibration file, layer by layer (resumable)")
     s.add_argument("--model", required=True, help="preset (seeded random weights) or checkpoint directory")
-    s.add_argument("--out", required=True, help="calibration file (JSON); if it exists, its finished layers are reused")
+    s.add_argument("--out", required=True, type=output_file("--out"), help="calibration file (JSON); if it exists, its finished layers are reused")
     s.add_argument("--layers", type=_spec, default="all", help="'all' (every layer + mtp), or layer numbers / ranges, and 'mtp' (e.g. 0-23, 24-47,mtp)")
     s.add_argument("--device", default="cpu", help="cpu (float32) or cuda[:N] (bf16, ranges in float32)")
     s.add_argument("--draw", choices=("cpu", "device"), default="cpu",

@@ -199,6 +199,9 @@ UNWRITABLE = {
     "validate --report is a file": (lambda e, t: ["validate", "--onnx", e, "--report", _afile(t)], ["--report", "not a folder"]),
     "generate --json is a folder": (lambda e, t: [*GENERATE, "--onnx", e, "--json", t], ["--json", "is a folder"]),
     "generate --json under a file": (lambda e, t: [*GENERATE, "--onnx", e, "--json", _afile(t) / "x.json"], ["--json", "is a file"]),
+    "calibrate --out under a file": (lambda e, t: ["calibrate", "--model", "tiny", "--out", _afile(t) / "c.json"], ["--out", "is a file"]),
+    "export --calib-file is a folder": (lambda e, t: ["export", "--model", "tiny", "--out", t / "o", "--activations", "fp8",
+                                                       "--precision", "fp8", "--calib-file", t], ["--calib-file", "is a folder"]),
 }
 
 
