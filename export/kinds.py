@@ -286,10 +286,16 @@ class LayerGraph(_WithExperts):
         return out, *self.kv.store(cache)
 
 
-class EmbedGraph(nn.Module):
-    kinds = (Kind.EMBED,)
+class _FloatWeights(nn.Module):
+    """A kind whose weights stay in the export dtype (the checkpoint keeps embeddings, norms and lm_head
+    unquantised): no FP8 rounding in its reference, no checkpoint prefix needed for it."""
+
     fp8_weights = False
     weight_prefix = staticmethod(lambda record, config: "")
+
+
+class EmbedGraph(_FloatWeights):
+    kinds = (Kind.EMBED,)
     reference_module = staticmethod(lambda source, record: source.embedding())
     reference_outputs = staticmethod(lambda m, t, ctx, record: [m(t["input_ids"])])
 
@@ -303,10 +309,8 @@ class EmbedGraph(nn.Module):
         return self.embed_tokens(input_ids)
 
 
-class FinalGraph(nn.Module):
+class FinalGraph(_FloatWeights):
     kinds = (Kind.FINAL,)
-    fp8_weights = False
-    weight_prefix = staticmethod(lambda record, config: "")
     reference_module = staticmethod(lambda source, record: (source.final_norm(), source.lm_head()))
 
     @staticmethod
@@ -328,10 +332,8 @@ class FinalGraph(nn.Module):
         return self.lm_head(normed), normed
 
 
-class LMHeadGraph(nn.Module):
+class LMHeadGraph(_FloatWeights):
     kinds = (Kind.LM_HEAD,)
-    fp8_weights = False
-    weight_prefix = staticmethod(lambda record, config: "")
     reference_module = staticmethod(lambda source, record: source.lm_head())
     reference_outputs = staticmethod(lambda m, t, ctx, record: [m(t["hidden"])])
 

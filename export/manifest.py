@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.hashing import verified_sha256
+from qwen3next_trt.outputs import write_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "qwen3next-trt/manifest"
@@ -356,10 +356,7 @@ class Manifest:
         return d
 
     def write(self, onnx_dir: str | Path) -> Path:
-        path = Path(onnx_dir) / MANIFEST
-        tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        os.replace(tmp, path)
+        path = write_file(Path(onnx_dir) / MANIFEST, json.dumps(self.to_json(), indent=2))
         self.dir = Path(onnx_dir)
         return path
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qwen3next_trt.outputs import write_file
 from qwen3next_trt.tables import text_table
 
 
@@ -51,10 +52,7 @@ class Report:
 
 
 def write_report(report: Report, report_dir: Path):
-    path = report_dir / "report.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    os.replace(tmp, path)
+    write_file(report_dir / "report.json", json.dumps(report.to_dict(), indent=2))
     plot_errors(report, report_dir / "per_layer_error.png")
 
 
