@@ -185,18 +185,17 @@ def moe_rows(rates, quick):
     gate = [torch.randn(INTER, H, generator=g) / H**0.5 for _ in range(E)]
     up = [torch.randn(INTER, H, generator=g) / H**0.5 for _ in range(E)]
     down = [torch.randn(H, INTER, generator=g) / INTER**0.5 for _ in range(E)]
-    # fc1 quantised as the kernel reads it: 128x128 blocks over the interleaved gate/up rows
-    q1 = [quantize(torch.stack([a, b], 1).reshape(2 * INTER, H)) for a, b in zip(gate, up)]
-    q2 = [quantize(w) for w in down]
-    fc1 = torch.stack([q.fp8 for q in q1]).cuda()
-    s1 = torch.stack([q.row_scale[::128] for q in q1]).cuda()  # row_scale repeats each block scale over its rows
+    # gate and up quantised separately in 128x128 blocks (the checkpoint's form); the kernel takes their
+    # bytes interleaved and their scales one above the other (plugins/moe/README.md)
+    qg, qu, q2 = [quantize(w) for w in gate], [quantize(w) for w in up], [quantize(w) for w in down]
+    fc1 = torch.stack([torch.stack([a.fp8, b.fp8], 1).reshape(2 * INTER, H) for a, b in zip(qg, qu)]).cuda()
+    s1 = torch.stack([torch.cat([a.row_scale[::128], b.row_scale[::128]]) for a, b in zip(qg, qu)]).cuda()
     fc2 = torch.stack([q.fp8 for q in q2]).cuda()
-    s2 = torch.stack([q.row_scale[::128] for q in q2]).cuda()
-    fc1_deq = torch.stack([q.dequantize() for q in q1])
-    deq_gate = fc1_deq[:, 0::2].to("cuda", torch.bfloat16)
-    deq_up = fc1_deq[:, 1::2].to("cuda", torch.bfloat16)
+    s2 = torch.stack([q.row_scale[::128] for q in q2]).cuda()  # row_scale repeats each block scale over its rows
+    deq_gate = torch.stack([q.dequantize() for q in qg]).to("cuda", torch.bfloat16)
+    deq_up = torch.stack([q.dequantize() for q in qu]).to("cuda", torch.bfloat16)
     deq_down = torch.stack([q.dequantize() for q in q2]).to("cuda", torch.bfloat16)
-    del gate, up, down, fc1_deq
+    del gate, up, down, qg, qu
     rows = []
     for n in ((1, 8, 64, 1024, 4096) if not quick else (1, 64)):
         # Different routing per call: a repeated call would find its experts in L2.

@@ -1,18 +1,150 @@
 """Build-time rewrites of an exported graph into the form the TensorRT plugins take.
 
 The ONNX files stay what ONNX Runtime runs (the CPU oracle): FP8 experts are float8e4m3fn
-initializers dequantised by `DequantizeLinear` in front of the `com.microsoft::MoE` node. TensorRT
-would run that DequantizeLinear as a layer writing every expert of the layer in float on every step;
-`onnx_for_parser` gives the parser the same graph with the MoE node taking the FP8 bytes and their
-block scales directly (the plugin's 8-input FP8 form), as TensorRT folds Q/DQ into its own GEMMs.
+initializers dequantised by a blocked `DequantizeLinear` in front of the `com.microsoft::MoE` node.
+TensorRT would run that DequantizeLinear as a layer writing every expert of the layer in float on
+every step (512 x 3 x 2048 x 512 weights at 80B). `onnx_for_parser` gives the parser the same graph
+with the MoE node taking the FP8 bytes and their 128x128 block scales directly (the plugin's 8-input
+FP8 form, plugins/moe/README.md), as TensorRT folds Q/DQ into its own GEMMs.
+
+Plain `onnx` protobuf edits, not onnx-graphsurgeon: graphsurgeon has no numpy type for float8 and
+casts such a constant to another type when its values are touched; here the FP8 initializers are
+never read, they keep their external-data references into the export's weights file, and the
+parser reads the bytes from there (`parser.parse(bytes, path)` resolves them beside `path`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from qwen3next_trt.errors import InputError
+
+MOE_DOMAIN = "com.microsoft"
+KERNEL_BLOCK = 128  # the FP8 MoE kernels' block: 128 x 128 (the official checkpoint's)
+FC1, FC1_BIAS, FC2, FC2_BIAS = 2, 3, 4, 5  # MoE inputs (ONNX Runtime contrib schema)
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto, base_dir: Path, path: Path):
+        self.g, self.base_dir, self.path = model.graph, base_dir, path
+        self.init = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+
+    def consumers(self, name: str) -> list:
+        return [n for n in self.g.node if name in n.input]
+
+    def array(self, name: str) -> np.ndarray:
+        try:
+            return numpy_helper.to_array(self.init[name], base_dir=str(self.base_dir))
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
+            raise InputError(f"{self.path}: initializer {name!r}: cannot read its data ({e})") from None
+
+
+def _fp8_source(G: _Graph, moe, slot: int):
+    """([DequantizeLinear node, optional Cast], fp8 initializer, scale initializer, block) feeding MoE input
+    `slot`, or None. 16-bit exports keep the scales float32 and Cast the dequantised experts."""
+    chain, dq = [], G.producer.get(moe.input[slot])
+    if dq is not None and dq.op_type == "Cast" and dq.domain in ("", "ai.onnx"):
+        chain, dq = [dq], G.producer.get(dq.input[0])
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+        return None
+    w, s = (G.init.get(dq.input[i]) if len(dq.input) > i else None for i in (0, 1))
+    if w is None or w.data_type != onnx.TensorProto.FLOAT8E4M3FN or s is None:
+        return None
+    return [dq, *chain], w, s, _attr(dq, "block_size", 0)
+
+
+def _why_not(G: _Graph, moe, fc1, fc2) -> str | None:
+    """Why this MoE's FP8 experts cannot take the plugin's FP8 form (None: they can)."""
+    if fc1 is None or fc2 is None:
+        return "fc1 and fc2 are not both float8 initializers behind DequantizeLinear"
+    (_, w1, s1, b1), (_, w2, s2, b2) = fc1, fc2
+    E, two_i, H = w1.dims
+    I = two_i // 2
+    if list(w2.dims) != [E, H, I]:
+        raise InputError(f"{G.path}: node {moe.name!r}: fc2 float8 weights {list(w2.dims)}, expected [{E}, {H}, {I}] for fc1 {list(w1.dims)}")
+    for name, (w, s, b) in (("fc1", (w1, s1, b1)), ("fc2", (w2, s2, b2))):
+        want = [*w.dims[:2], -(-w.dims[2] // b)] if b else None
+        if want is None or list(s.dims) != want:
+            raise InputError(f"{G.path}: node {moe.name!r}: {name} scale {s.name!r} has shape {list(s.dims)} "
+                             f"(block_size {b}), expected {want or '[E, rows, ceil(cols / block_size)]'}")
+    if b1 != KERNEL_BLOCK or b2 != KERNEL_BLOCK:
+        return f"column blocks of {b1} / {b2}: the FP8 MoE kernels take 128 x 128 blocks (per-channel scales have none)"
+    for slot in (FC1_BIAS, FC2_BIAS):
+        if len(moe.input) > slot and moe.input[slot]:
+            if moe.input[slot] not in G.init:
+                return f"bias {moe.input[slot]!r} is computed in the graph (the FP8 kernels have no bias)"
+            if np.any(G.array(moe.input[slot]).astype(np.float32) != 0):
+                return f"bias {moe.input[slot]!r} is not zero (the FP8 kernels have no bias)"
+    return None
+
+
+def _block_scales(G: _Graph, moe, fc1, fc2) -> tuple[np.ndarray, np.ndarray] | str:
+    import torch
+
+    from qwen3next_trt.model.fp8 import fc1_block_scales, row_blocks
+
+    rows1 = torch.from_numpy(G.array(fc1[2].name).astype(np.float32))
+    rows2 = torch.from_numpy(G.array(fc2[2].name).astype(np.float32))
+    s1, s2 = fc1_block_scales(rows1, KERNEL_BLOCK), row_blocks(rows2, KERNEL_BLOCK)
+    if s1 is None or s2 is None:
+        return "per-row scales that differ inside a 128-row block (not the checkpoint's 128 x 128 form)"
+    return s1.numpy(), s2.numpy()
+
+
+def fold_fp8_experts(model: onnx.ModelProto, base_dir: Path, path: Path) -> list[dict]:
+    """Rewrite in place every MoE node fed by DequantizeLinear'd FP8 experts into the plugin's FP8
+    form; returns one record per MoE node (folded, or why not)."""
+    G = _Graph(model, base_dir, path)
+    records = []
+    for moe in [n for n in G.g.node if n.op_type == "MoE" and n.domain == MOE_DOMAIN]:
+        fc1, fc2 = (_fp8_source(G, moe, s) if len(moe.input) > s else None for s in (FC1, FC2))
+        if fc1 is None and fc2 is None:
+            continue  # float experts: nothing to fold
+        why = _why_not(G, moe, fc1, fc2)
+        scales = _block_scales(G, moe, fc1, fc2) if why is None else why
+        if isinstance(scales, str):
+            records.append({"node": moe.name, "folded": False, "why": scales})
+            continue
+        names = []
+        for label, s in zip(("fc1", "fc2"), scales):
+            name = f"{moe.name}.{label}_block_scale"
+            G.g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(s, dtype=np.float32), name))
+            names.append(name)
+        inputs = list(moe.input) + [""] * (6 - len(moe.input))
+        inputs[FC1], inputs[FC2] = fc1[1].name, fc2[1].name
+        del moe.input[:]
+        moe.input.extend(inputs[:6] + names)
+        for chain, _, scale, _ in (fc1, fc2):
+            for node in reversed(chain):  # Cast first, then the DequantizeLinear it read
+                if not G.consumers(node.output[0]):
+                    G.g.node.remove(node)
+            if not G.consumers(scale.name):  # the per-row scales are replaced by the block scales
+                G.g.initializer.remove(scale)
+        records.append({"node": moe.name, "folded": True, "fc1": fc1[1].name, "fc2": fc2[1].name,
+                        "fc1_block_scale": list(scales[0].shape), "fc2_block_scale": list(scales[1].shape)})
+    return records
+
 
 def onnx_for_parser(onnx_path: Path) -> tuple[bytes, dict]:
     """The model bytes to hand TensorRT's parser (`parser.parse(bytes, str(onnx_path))`: external
     weights are found beside `onnx_path`), and a record of what was rewritten (for the metadata)."""
-    return Path(onnx_path).read_bytes(), {"moe_fp8_folded": []}
+    onnx_path = Path(onnx_path)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, DecodeError) as e:
+        raise InputError(f"{onnx_path}: cannot read the ONNX graph ({e})") from None
+    moe = fold_fp8_experts(model, onnx_path.parent, onnx_path)
+    return model.SerializeToString(), {"moe_fp8": moe}

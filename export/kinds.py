@@ -129,7 +129,7 @@ class _WithExperts(nn.Module):
 
     def __init__(self, quantizer: WeightQuantizer | None = None, dtype=torch.float32, act_scales: dict | None = None):
         super().__init__()
-        self._expert_slots: dict[int, tuple[str, int | None]] = {}
+        self._expert_slots: dict[int, tuple[str, tuple[int, int] | None]] = {}
         self.quantizer, self.dtype, self.act_scales = quantizer, dtype, act_scales
         self.kernels = export_kernels(self._moe_weights)
 
@@ -143,14 +143,18 @@ class _WithExperts(nn.Module):
             q = lambda e, kind: self.quantizer(f"{prefix}mlp.experts.{e}.{kind}.weight", getattr(block.experts[e], kind).weight.detach())  # noqa: E731
             n = len(block.experts)
             gate, up, down = ([q(e, kind) for e in range(n)] for kind in ("gate_proj", "up_proj", "down_proj"))
-            block_size = gate[0].block
-            if any(w.block != block_size for w in gate + up + down):
+            # one DequantizeLinear per stacked tensor: fc1's and fc2's column blocks may differ
+            # (per-channel scales span each weight's whole input width), within one they may not
+            block_size = (gate[0].block, down[0].block)
+            if any(w.block != block_size[0] for w in gate + up) or any(w.block != block_size[1] for w in down):
                 raise ValueError(f"{prefix}mlp.experts: FP8 weights with different block sizes")
             fc1 = _interleave_rows(torch.stack([w.fp8 for w in gate]), torch.stack([w.fp8 for w in up]))
             fc2 = torch.stack([w.fp8 for w in down])
+            # float32 whatever the export dtype: the checkpoint's scales exactly (DequantizeLinear -> Cast),
+            # which engines/fold.py hands the MoE plugin unchanged
             self.register_buffer(f"{slot}_fc1_scale", _interleave_rows(torch.stack([w.row_scale for w in gate]),
-                                                                        torch.stack([w.row_scale for w in up])).to(self.dtype))
-            self.register_buffer(f"{slot}_fc2_scale", torch.stack([w.row_scale for w in down]).to(self.dtype))
+                                                                        torch.stack([w.row_scale for w in up])).float())
+            self.register_buffer(f"{slot}_fc2_scale", torch.stack([w.row_scale for w in down]).float())
         self.register_buffer(f"{slot}_fc1", fc1)
         self.register_buffer(f"{slot}_fc1_bias", torch.zeros(fc1.shape[:2], dtype=self.dtype))
         self.register_buffer(f"{slot}_fc2", fc2)
@@ -171,8 +175,8 @@ class _WithExperts(nn.Module):
         slot, block_size = self._expert_slots[id(block)]
         fc1, fc1_bias, fc2, fc2_bias = (getattr(self, f"{slot}_{n}") for n in ("fc1", "fc1_bias", "fc2", "fc2_bias"))
         if block_size is not None:
-            fc1 = torch.ops.qwen3next.dequantize_fp8(fc1, getattr(self, f"{slot}_fc1_scale"), block_size)
-            fc2 = torch.ops.qwen3next.dequantize_fp8(fc2, getattr(self, f"{slot}_fc2_scale"), block_size)
+            fc1 = torch.ops.qwen3next.dequantize_fp8(fc1, getattr(self, f"{slot}_fc1_scale"), block_size[0]).to(self.dtype)
+            fc2 = torch.ops.qwen3next.dequantize_fp8(fc2, getattr(self, f"{slot}_fc2_scale"), block_size[1]).to(self.dtype)
         return fc1, fc1_bias, fc2, fc2_bias
 
 

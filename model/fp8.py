@@ -83,6 +83,33 @@ def dequantize_blocks(fp8: torch.Tensor, scale: torch.Tensor, block=(BLOCK, BLOC
     return fp8.float() * block_scale_per_element(scale.float(), *fp8.shape, block)
 
 
+def row_blocks(row_scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor | None:
+    """[..., rows, cb] per-row scales -> [..., ceil(rows/block), cb] block scales, or None when the rows of
+    some block do not share their scales (per-channel scales have no 128x128 block form)."""
+    rows = row_scale.shape[-2]
+    first = row_scale[..., ::block, :]
+    if not torch.equal(first.repeat_interleave(block, dim=-2)[..., :rows, :], row_scale):
+        return None
+    return first.contiguous()
+
+
+def fc1_block_scales(row_scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor | None:
+    """The MoE kernels' fc1 scales [E, 2 * ceil(I/block), cb] from the exported per-row scales of the
+    interleaved fc1 rows [E, 2I, cb] (row 2i = gate i, 2i+1 = up i): the gate blocks above the up
+    blocks, i.e. the checkpoint's two weight_scale_inv tensors unchanged. None if not block-shaped."""
+    gate, up = row_blocks(row_scale[..., 0::2, :], block), row_blocks(row_scale[..., 1::2, :], block)
+    return None if gate is None or up is None else torch.cat([gate, up], dim=-2)
+
+
+def dequantize_fc1(fp8: torch.Tensor, scale1: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Float fc1 [..., 2I, H] from its FP8 bytes and the kernels' scale1 [..., 2*ceil(I/block), cb]
+    (row 2i = gate i, scaled by scale row i/block; row 2i+1 = up i, by scale row ceil(I/block) + i/block)."""
+    n, rows, cols = scale1.shape[-2] // 2, fp8.shape[-2] // 2, fp8.shape[-1]
+    per_row = torch.stack([scale1[..., :n, :], scale1[..., n:, :]], dim=-2).float()  # [..., n, gate/up, cb]
+    per_row = per_row.repeat_interleave(block, dim=-3)[..., :rows, :, :].flatten(-3, -2)  # [..., 2I, cb] interleaved
+    return fp8.float() * per_row.repeat_interleave(block, dim=-1)[..., :cols]
+
+
 class WeightQuantizer:
     """FP8 for a named weight: the checkpoint's own FP8 bytes and scales when it has them (carried over
     exactly, never re-quantised), else amax/448 quantisation of the float weight by `scheme`."""

@@ -214,8 +214,9 @@ def moe(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, k: int, normalize: int):
 
 def moe_fp8(x, router_logits, fc1, scale1, fc2, scale2, k: int, normalize: int, impl: str = "auto"):
     """As `moe` with FP8 weights: fc1 [E, 2I, H] and fc2 [E, H, I] as float8_e4m3fn (or their uint8 bytes),
-    scale1 [E, ceil(2I/128), ceil(H/128)] and scale2 [E, ceil(H/128), ceil(I/128)] float32 block scales
-    (W = fp8 * scale[row // 128, col // 128]; fc1's scale rows index its interleaved rows); no biases."""
+    scale1 [E, 2 * ceil(I/128), ceil(H/128)] and scale2 [E, ceil(H/128), ceil(I/128)] float32 128x128 block
+    scales; scale1 is the checkpoint's gate_proj scales [ceil(I/128), ceil(H/128)] above its up_proj scales
+    (fc1 row 2i = gate i takes scale1[i // 128], row 2i+1 = up i takes scale1[ceil(I/128) + i // 128]); no biases."""
     E, two_i, H = fc1.shape
     inter = two_i // 2
     blocks = lambda n: -(-n // 128)  # noqa: E731
@@ -229,7 +230,7 @@ def moe_fp8(x, router_logits, fc1, scale1, fc2, scale2, k: int, normalize: int, 
         fc2 = fc2.view(torch.uint8)
     fc1 = _prepare("fc1", fc1, dev, torch.uint8, (E, 2 * inter, H))
     fc2 = _prepare("fc2", fc2, dev, torch.uint8, (E, H, inter))
-    scale1 = _prepare("scale1", scale1, dev, torch.float32, (E, blocks(2 * inter), blocks(H)))
+    scale1 = _prepare("scale1", scale1, dev, torch.float32, (E, 2 * blocks(inter), blocks(H)))
     scale2 = _prepare("scale2", scale2, dev, torch.float32, (E, blocks(H), blocks(inter)))
     out = torch.empty_like(tokens)
     with torch.cuda.device(dev):

@@ -211,7 +211,7 @@ def _fp8_moe_case(N, E, k, H, I, seed, dtype):
     logits = (torch.randn(N, E, generator=g, device=dev) * 2).to(dtype)
     fc1 = torch.randn(E, 2 * I, H, generator=g, device=dev).to(torch.float8_e4m3fn)
     fc2 = torch.randn(E, H, I, generator=g, device=dev).to(torch.float8_e4m3fn)
-    scale1 = (torch.rand(E, blocks(2 * I), blocks(H), generator=g, device=dev) + 0.5) * H**-0.5
+    scale1 = (torch.rand(E, 2 * blocks(I), blocks(H), generator=g, device=dev) + 0.5) * H**-0.5  # gate blocks, up blocks
     scale2 = (torch.rand(E, blocks(H), blocks(I), generator=g, device=dev) + 0.5) * I**-0.5
     return x, logits, fc1, scale1, fc2, scale2
 
@@ -228,7 +228,9 @@ def _fp8_moe_reference(x, logits, fc1, scale1, fc2, scale2, k, normalize):
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     for e in experts.unique().tolist():
         rows, slots = (experts == e).nonzero(as_tuple=True)
-        w1 = dequantize_fp8_blocks(fc1[e], scale1[e]).double()
+        n = scale1.shape[1] // 2  # gate rows (0::2) take the first n scale rows, up rows (1::2) the rest
+        w1 = torch.stack([dequantize_fp8_blocks(fc1[e][0::2], scale1[e][:n]), dequantize_fp8_blocks(fc1[e][1::2], scale1[e][n:])],
+                         dim=1).reshape(fc1.shape[1], -1).double()
         w2 = dequantize_fp8_blocks(fc2[e], scale2[e]).double()
         h = x[rows].double() @ w1.T
         act = torch.nn.functional.silu(h[:, 0::2]) * h[:, 1::2]

@@ -435,11 +435,13 @@ def test_moe_fp8_matches_dequantised_weights(plugin_library, exact_matmul, dtype
     logits = _router_logits(N, E, k, g, dev).to(dtype)
     fc1 = torch.randn(E, 2 * I, H, generator=g, device=dev).to(torch.float8_e4m3fn)
     fc2 = torch.randn(E, H, I, generator=g, device=dev).to(torch.float8_e4m3fn)
-    scale1 = (torch.rand(E, blocks(2 * I), blocks(H), generator=g, device=dev) + 0.5) * H**-0.5
+    scale1 = (torch.rand(E, 2 * blocks(I), blocks(H), generator=g, device=dev) + 0.5) * H**-0.5  # gate blocks, up blocks
     scale2 = (torch.rand(E, blocks(H), blocks(I), generator=g, device=dev) + 0.5) * I**-0.5
 
     out = ops.moe_fp8(x, logits, fc1, scale1, fc2, scale2, k, 1)
-    w1 = lambda e: dequantize_fp8_blocks(fc1[e], scale1[e])  # noqa: E731  (scale rows index the interleaved rows)
+    # oracle: gate rows (0::2) with the first half of the scale rows, up rows (1::2) with the second
+    w1 = lambda e: torch.stack([dequantize_fp8_blocks(fc1[e][0::2], scale1[e][:blocks(I)]),  # noqa: E731
+                                dequantize_fp8_blocks(fc1[e][1::2], scale1[e][blocks(I):])], dim=1).reshape(2 * I, H)
     ref = _moe_reference(x, logits, k, 1, _Rows(lambda e: w1(e)[0::2]), _Rows(lambda e: w1(e)[1::2]),
                          _Rows(lambda e: dequantize_fp8_blocks(fc2[e], scale2[e])))
     assert out.dtype == dtype

@@ -10,7 +10,7 @@ E, K, H, I = 512, 10, 2048, 512
 g = torch.Generator(device="cuda").manual_seed(0)
 fc1 = torch.randint(0, 126, (E, 2 * I, H), generator=g, device="cuda", dtype=torch.uint8)
 fc2 = torch.randint(0, 126, (E, H, I), generator=g, device="cuda", dtype=torch.uint8)
-s1 = torch.rand(E, 2 * I // 128, H // 128, generator=g, device="cuda") * H**-0.5
+s1 = torch.rand(E, 2 * (I // 128), H // 128, generator=g, device="cuda") * H**-0.5
 s2 = torch.rand(E, H // 128, I // 128, generator=g, device="cuda") * I**-0.5
 print("tokens  pairs/expert  fast ms  prefill ms")
 for n in (16, 32, 64, 128, 256, 384, 512, 768, 1024):

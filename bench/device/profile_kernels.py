@@ -13,7 +13,7 @@ H, INTER, E, TOPK = 2048, 512, 512, 10
 def moe_case(n, g):
     fc1 = torch.randn(E, 2 * INTER, H, generator=g, device="cuda").to(torch.float8_e4m3fn)
     fc2 = torch.randn(E, H, INTER, generator=g, device="cuda").to(torch.float8_e4m3fn)
-    s1 = torch.rand(E, 2 * INTER // 128, H // 128, generator=g, device="cuda") * 0.01
+    s1 = torch.rand(E, 2 * (INTER // 128), H // 128, generator=g, device="cuda") * 0.01
     s2 = torch.rand(E, H // 128, INTER // 128, generator=g, device="cuda") * 0.01
     xs = [torch.randn(n, H, generator=g, device="cuda").bfloat16() for _ in range(8)]
     ls = [torch.randn(n, E, generator=g, device="cuda").bfloat16() for _ in range(8)]

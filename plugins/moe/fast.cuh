@@ -197,9 +197,10 @@ __global__ void __launch_bounds__(32 * kFc1Warps, 5) fc1_kernel(const T* __restr
                 load16(xr + c, xv);
 #pragma unroll
                 for (int r = 0; r < kFc1Rows; ++r) {
-                    const float s = __ldg(scale1 + ((int64_t)e * scale_rows + (2 * (j0 + r)) / kFp8Block) * scale_cols + c / kFp8Block);
-                    g[r] += s * dot16_fp8(a[r][m], xv);
-                    u[r] += s * dot16_fp8(b[r][m], xv);
+                    // gate and up rows keep their own scales (scale rows: gate blocks, then up blocks)
+                    const float* sr = scale1 + ((int64_t)e * scale_rows + (j0 + r) / kFp8Block) * scale_cols + c / kFp8Block;
+                    g[r] += __ldg(sr) * dot16_fp8(a[r][m], xv);
+                    u[r] += __ldg(sr + (int64_t)(scale_rows / 2) * scale_cols) * dot16_fp8(b[r][m], xv);
                 }
             }
         }
@@ -312,7 +313,7 @@ int launch(const void* x, const void* router_logits, const unsigned char* fc1, c
         err = q3n::launch_kernel(pdl, fc1_kernel<T>, dim3(tokens * top_k, inter / (kFc1Warps * kFc1Rows)),
                                  dim3(32 * kFc1Warps), 0, stream, static_cast<const T*>(x), fc1, scale1,
                                  static_cast<const int*>(ws_experts), ws_act, fc2, prefetch, hidden, inter, top_k,
-                                 blocks(2 * inter), blocks(hidden));
+                                 2 * blocks(inter), blocks(hidden));
     if (err == cudaSuccess)
         err = q3n::launch_kernel(pdl, fc2_kernel<T>, dim3(tokens, hidden / kFc2Warps), dim3(32 * kFc2Warps),
                                  top_k * ((inter + kChunkCols - 1) / kChunkCols * kChunkCols) * sizeof(float), stream,

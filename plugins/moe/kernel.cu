@@ -74,14 +74,22 @@ struct DenseWeights {  // [E, rows, cols] of T
     __device__ __forceinline__ float at(int e, int r, int c) const { return load(w, ((int64_t)e * rows + r) * cols + c); }
 };
 
-struct Fp8BlockWeights {  // [E, rows, cols] of e4m3 bytes, scale [E, ceil(rows/128), ceil(cols/128)] float32
+// [E, rows, cols] of e4m3 bytes with float32 128x128 block scales [E, scale_rows, ceil(cols/128)].
+// fc2: scale row r/128 (scale_rows = ceil(rows/128)). fc1 (interleaved gate/up rows, `gate_up`): the
+// checkpoint's gate and up scales one above the other, scale_rows = 2 * ceil(I/128): row 2i (gate i)
+// takes scale row i/128, row 2i+1 (up i) scale row ceil(I/128) + i/128, so both keep their own scales.
+struct Fp8BlockWeights {
     const unsigned char* w;
     const float* scale;
     int rows, cols, scale_rows, scale_cols;
+    bool gate_up;
+    __device__ __forceinline__ int scale_row(int r) const {
+        return gate_up ? (r & 1) * (scale_rows / 2) + (r >> 1) / kFp8Block : r / kFp8Block;
+    }
     __device__ __forceinline__ float at(int e, int r, int c) const {
         __nv_fp8_e4m3 f;
         f.__x = w[((int64_t)e * rows + r) * cols + c];
-        return static_cast<float>(f) * scale[((int64_t)e * scale_rows + r / kFp8Block) * scale_cols + c / kFp8Block];
+        return static_cast<float>(f) * scale[((int64_t)e * scale_rows + scale_row(r)) * scale_cols + c / kFp8Block];
     }
 };
 
@@ -285,8 +293,8 @@ template <typename T>
 int launch_fp8(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
                const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden, int inter,
                int experts, int top_k, int normalize, void* workspace, cudaStream_t stream) {
-    const Fp8BlockWeights w1{fc1, scale1, 2 * inter, hidden, blocks_of(2 * inter), blocks_of(hidden)};
-    const Fp8BlockWeights w2{fc2, scale2, hidden, inter, blocks_of(hidden), blocks_of(inter)};
+    const Fp8BlockWeights w1{fc1, scale1, 2 * inter, hidden, 2 * blocks_of(inter), blocks_of(hidden), true};
+    const Fp8BlockWeights w2{fc2, scale2, hidden, inter, blocks_of(hidden), blocks_of(inter), false};
     return launch_moe<T>(x, router_logits, w1, nullptr, w2, nullptr, out, tokens, hidden, inter, experts, top_k,
                          normalize, workspace, stream);
 }

@@ -4,9 +4,10 @@
 // Float form, 6 inputs: input [N, H] (or [B, T, H]), router_probs [N, E] (router logits),
 // fc1_experts_weights [E, 2I, H] (gate/up rows interleaved), fc1_experts_bias [E, 2I],
 // fc2_experts_weights [E, H, I], fc2_experts_bias [E, H]; one float dtype for all.
-// FP8 form, 8 inputs: fc1 / fc2 float8 e4m3, then their float32 128x128 block scales [E, ceil(2I/128),
-// ceil(H/128)] and [E, ceil(H/128), ceil(I/128)] (README.md); the biases keep the activations' dtype
-// and are ignored (the FP8 kernels have none: the exporter's biases are zero by construction).
+// FP8 form, 8 inputs: fc1 / fc2 float8 e4m3, then their float32 128x128 block scales [E, 2*ceil(I/128),
+// ceil(H/128)] (gate blocks, then up blocks: the checkpoint's two scale tensors) and [E, ceil(H/128),
+// ceil(I/128)] (README.md); the biases keep the activations' dtype and are ignored (the FP8 kernels have
+// none: `build` folds only graphs whose biases are zero). engines/fold.py writes this form.
 // Output: like input.
 #include "../cpp/plugin.h"
 
@@ -72,6 +73,13 @@ int32_t enqueue(Values const& v, PluginTensorDesc const* in, int32_t nbIn, Plugi
         experts = static_cast<int>(s.experts);
     size_t bytes = q3n_moe_workspace_size(tokens, experts, k, hidden, inter);
     int normalize = v.i("normalize_routing_weights");
+    if (nbIn == kFp8Inputs) {
+        auto blocks = [](int64_t n) { return (n + 127) / 128; };
+        nvinfer1::Dims const &s1 = in[6].dims, &s2 = in[7].dims;
+        if (s1.nbDims != 3 || s1.d[0] != s.experts || s1.d[1] != 2 * blocks(s.inter) || s1.d[2] != blocks(s.hidden) ||
+            s2.nbDims != 3 || s2.d[0] != s.experts || s2.d[1] != blocks(s.hidden) || s2.d[2] != blocks(s.inter))
+            return -2;  // Q3N_ERR_BAD_SHAPE: scales not of the layout above
+    }
     if (nbIn == kFp8Inputs)
         return q3n_moe_fp8(inputs[0], inputs[1], static_cast<unsigned char const*>(inputs[2]),
                            static_cast<float const*>(inputs[6]), static_cast<unsigned char const*>(inputs[4]),

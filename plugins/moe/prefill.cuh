@@ -31,7 +31,7 @@ namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 
 constexpr int kBM = 64;    // sorted pairs per tile
-constexpr int kBN = 128;   // output rows per tile: one scale block, so the scale is uniform per step
+constexpr int kBN = 128;   // output rows per tile: one scale block (fc1: 64 gate + 64 up rows, a block of each)
 constexpr int kBK = 128;   // reduction columns per step: one scale block
 constexpr int kThreads = 256;  // 8 warps as 2 (pairs) x 4 (outputs), 32 x 32 each
 constexpr int kLdA = kBK + 8;  // bf16 row stride: rows shifted by 16 bytes (fewer bank conflicts), 32-byte tiles
@@ -176,7 +176,12 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
 
     const int scale_rows = N / q3n_moe_fast::kFp8Block, scale_cols = K / q3n_moe_fast::kFp8Block;
     const unsigned char* we = w + ((int64_t)e * N + n0) * K;
-    const float* se = scale + ((int64_t)e * scale_rows + n0 / q3n_moe_fast::kFp8Block) * scale_cols;
+    // fc1: the tile's 128 interleaved rows are intermediate rows n0/2 .. n0/2+63, gate and up; staged as
+    // 64 gate rows then 64 up rows, so that warps wn < 2 hold gate columns only and wn >= 2 up columns,
+    // and each warp scales its partial sums by its own half's block scale (gate blocks, then up blocks:
+    // the checkpoint's separate gate / up scales, unchanged)
+    const float* se = scale + ((int64_t)e * scale_rows + (kFc1 ? n0 / 2 : n0) / q3n_moe_fast::kFp8Block) * scale_cols
+                      + (kFc1 && wn >= 2 ? (int64_t)(scale_rows / 2) * scale_cols : 0);
     FragC acc[2][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -191,7 +196,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
 #pragma unroll
         for (int m = 0; m < kWLoads; ++m) {
             const int i = tid + m * kThreads, r = i / (kBK / 16), c = (i % (kBK / 16)) * 16;
-            wraw[m] = __ldg(reinterpret_cast<const uint4*>(we + (int64_t)r * K + k0 + c));
+            const int src = kFc1 ? (r < kBN / 2 ? 2 * r : 2 * (r - kBN / 2) + 1) : r;
+            wraw[m] = __ldg(reinterpret_cast<const uint4*>(we + (int64_t)src * K + k0 + c));
         }
     };
     fetch_w(0);
@@ -271,11 +277,11 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
             wmma::store_matrix_sync(&sm.c[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC, wmma::mem_row_major);
     __syncthreads();
     if (kFc1) {
-        // columns 2j, 2j+1 = gate, up of intermediate row n0/2 + j; act has N/2 columns
+        // columns j, 64 + j = gate, up of intermediate row n0/2 + j (staged that way); act has N/2 columns
         const int inter = N / 2;
         for (int i = tid; i < kBM * kBN / 2; i += kThreads) {
             const int r = i / (kBN / 2), j = i % (kBN / 2);
-            if (r < rows) out[(int64_t)(row0 + r) * inter + n0 / 2 + j] = q3n::silu(sm.c[r][2 * j]) * sm.c[r][2 * j + 1];
+            if (r < rows) out[(int64_t)(row0 + r) * inter + n0 / 2 + j] = q3n::silu(sm.c[r][j]) * sm.c[r][kBN / 2 + j];
         }
     } else {
         for (int i = tid; i < kBM * kBN / 4; i += kThreads) {
