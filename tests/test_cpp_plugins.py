@@ -350,27 +350,38 @@ def test_tensorrt_root_without_headers_is_one_error_line(tmp_path, monkeypatch, 
 # onShapeChange, a garbage-filled workspace, enqueue on a stream, outputs NaN-filled first), against
 # the reference model's functions in float32 on the CPU (model/modeling_qwen3_next.py).
 
-def _enqueue(harness, tmp_path, op: str, fields: dict, inputs: list, outputs: list[tuple]) -> list:
+# torch dtype -> TensorRT DataType; float8 tensors travel as their bytes
+def _dt(dtype) -> int:
+    import torch
+
+    return DT[{torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16", torch.float8_e4m3fn: "FP8"}[dtype]]
+
+
+def _enqueue(harness, tmp_path, op: str, fields: dict, inputs: list, outputs: list[tuple], out_dtype=None) -> list:
+    """Run one plugin on the GPU. inputs: tensors, or (file, torch dtype, shape) for big ones written once."""
     import numpy as np
+    import torch
 
     kinds = {"int": "i", "float": "f", "str": "s"}
     args = " ".join(f"{f.name}={kinds[f.kind]}:{fields[f.name]}" for f in SPECS[op].fields if f.name in fields)
     created = harness(f"create {op} node_{op} runtime {args}")
     assert created["ok"], created
+    out_dtype = out_dtype or torch.float32
     lines, paths = [], []
     for i, a in enumerate(inputs):
-        path = tmp_path / f"in{i}.bin"
-        np.ascontiguousarray(a.numpy(), dtype=np.float32).tofile(path)
-        lines.append(f"in {DT['FLOAT']} {'x'.join(map(str, a.shape))} {path}")
+        if isinstance(a, tuple):
+            path, dtype, shape = a
+        else:
+            path, dtype, shape = tmp_path / f"in{i}.bin", a.dtype, a.shape
+            a.contiguous().view(torch.uint8).numpy().tofile(path)
+        lines.append(f"in {_dt(dtype)} {'x'.join(map(str, shape))} {path}")
     for j, shape in enumerate(outputs):
         paths.append(tmp_path / f"out{j}.bin")
-        lines.append(f"out {DT['FLOAT']} {'x'.join(map(str, shape))} {paths[-1]}")
+        lines.append(f"out {_dt(out_dtype)} {'x'.join(map(str, shape))} {paths[-1]}")
     (tmp_path / "spec.txt").write_text("\n".join(lines) + "\n")
     ran = harness(f"enqueue {tmp_path / 'spec.txt'}")
     assert ran.get("rc") == 0 and ran.get("cuda") == "no error", ran
-    import torch
-
-    return [torch.from_numpy(np.fromfile(p, np.float32).reshape(shape)) for p, shape in zip(paths, outputs)]
+    return [torch.from_numpy(np.fromfile(p, np.uint8)).view(out_dtype).reshape(shape) for p, shape in zip(paths, outputs)]
 
 
 def _close(got, want, what: str, tol: float = 1e-4):
@@ -436,3 +447,67 @@ def test_enqueue_moe_on_the_gpu(harness, tmp_path, normalize):
     weights, selected = route_tokens(logits, k, bool(normalize))
     ref = moe_dispatch(x, weights, selected, fc1[:, 0::2], fc1[:, 1::2], fc2)  # rows interleaved gate, up
     _close(out, ref, "output")
+
+
+# The FP8 form at the 80B sizes (512 experts top-10, hidden 2048, expert width 512): the checkpoint's
+# layout, gate / up / down FP8 bytes each with their own 128x128 weight_scale_inv; fc1 = gate/up rows
+# interleaved, scale1 = gate scales above up scales. 1 / 8 / 64 tokens take the decode kernels, 1024
+# the grouped prefill ones (plugins/moe/README.md). Reference: float32 on the CPU over the dequantised
+# checkpoint tensors (model/checkpoint.py's block dequantisation, moe_dispatch), routing by a stable sort.
+E80, H80, I80, K80 = 512, 2048, 512, 10
+
+
+@pytest.fixture(scope="module")
+def experts_80b(tmp_path_factory):
+    import torch
+
+    from qwen3next_trt.model.checkpoint import dequantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(80)
+    d = tmp_path_factory.mktemp("experts80")
+
+    def fp8(*shape):  # every finite e4m3 code, uniformly (0x7f / 0xff are NaN)
+        b = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        return torch.where((b & 0x7F) == 0x7F, torch.zeros_like(b), b).view(torch.float8_e4m3fn)
+
+    def scales(e, rows, cols, size):
+        return (torch.rand(e, rows // 128, cols // 128, generator=g) + 0.5) * size
+
+    gate, up, down = fp8(E80, I80, H80), fp8(E80, I80, H80), fp8(E80, H80, I80)
+    s_gate, s_up, s_down = scales(E80, I80, H80, 2**-12), scales(E80, I80, H80, 2**-11), scales(E80, H80, I80, 2**-11)
+    fc1 = torch.stack([gate, up], dim=2).reshape(E80, 2 * I80, H80)
+    files = {"fc1": d / "fc1.bin", "fc2": d / "fc2.bin", "s1": d / "s1.bin", "s2": d / "s2.bin"}
+    fc1.view(torch.uint8).numpy().tofile(files["fc1"])
+    down.view(torch.uint8).numpy().tofile(files["fc2"])
+    torch.cat([s_gate, s_up], dim=1).numpy().tofile(files["s1"])
+    s_down.numpy().tofile(files["s2"])
+    deq = lambda w, s: torch.stack([dequantize_fp8_blocks(w[e], s[e]) for e in range(E80)])  # noqa: E731
+    weights = deq(gate, s_gate), deq(up, s_up), deq(down, s_down)
+    inputs = [(files["fc1"], torch.float8_e4m3fn, (E80, 2 * I80, H80)), (files["fc2"], torch.float8_e4m3fn, (E80, H80, I80)),
+              (files["s1"], torch.float32, (E80, 2 * I80 // 128, H80 // 128)), (files["s2"], torch.float32, (E80, H80 // 128, I80 // 128))]
+    return inputs, weights
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("N", [1, 8, 64, 1024])
+def test_enqueue_moe_fp8_experts_at_80b_sizes(harness, experts_80b, tmp_path, N, dtype):
+    import torch
+
+    from qwen3next_trt.model.modeling_qwen3_next import moe_dispatch
+
+    dt = getattr(torch, dtype)
+    (fc1, fc2, s1, s2), (gate, up, down) = experts_80b
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, H80, generator=g).to(dt)
+    # distinct logits exactly representable in every dtype (k / 64): no ties at the top-k boundary
+    logits = torch.stack([torch.randperm(E80, generator=g) for _ in range(N)]).sub(E80 // 2).div(64).to(dt)
+    fields = {"k": K80, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 1,
+              "use_sparse_mixer": 0, "activation_alpha": 1.0, "activation_beta": 0.0}
+    bias1, bias2 = torch.zeros(E80, 2 * I80, dtype=dt), torch.zeros(E80, H80, dtype=dt)
+    (out,) = _enqueue(harness, tmp_path, "MoE", fields, [x, logits, fc1, bias1, fc2, bias2, s1, s2], [(N, H80)], out_dtype=dt)
+    probs = torch.softmax(logits.float(), dim=-1)
+    selected = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :K80]
+    weights = probs.gather(1, selected)
+    ref = moe_dispatch(x.float(), weights / weights.sum(-1, keepdim=True), selected, gate, up, down)
+    _close(out.float(), ref, f"MoE FP8 N={N} {dtype}", tol={"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}[dtype])
