@@ -6,8 +6,13 @@ Layout written by `write_repository(onnx_dir, out, engines_dir)`:
       README.md                       how to serve it (and the TensorRT plugin note)
       qwen3next/config.pbtxt          Python backend, decoupled: token ids in, tokens streamed out
       qwen3next/1/model.py            deploy/triton_model.py
-      <prefix>_<graph>/config.pbtxt   only with engines: one `tensorrt_plan` model per engine
-      <prefix>_<graph>/1/model.plan   symlink to the engine (engines are large; never copied)
+      <prefix>_<group>/config.pbtxt   only with engines: one `tensorrt_plan` model per engine file
+      <prefix>_<group>/1/model.plan   symlink to the engine (engines are large; never copied)
+
+An engine serves its weights group's prefill and decode graphs through two optimization profiles;
+its one model lists both in `instance_group { profile: ["0", "1"] }`, so one instance deserialises
+the plan once (one copy of the weights) and Triton picks the profile per request from the input
+shapes (deploy/README.md).
 
 The repository refers to the export and engines by absolute path, so it is small and is written
 in a temporary folder beside `out`, then renamed into place: a failed write leaves nothing half-made.
@@ -23,7 +28,7 @@ from pathlib import Path
 
 from qwen3next_trt.errors import InputError
 from qwen3next_trt.outputs import check_output, staged
-from qwen3next_trt.engines.metadata import check_engine_source, read_engine_meta
+from qwen3next_trt.engines.metadata import check_engine_source, engine_file_name, engine_group, read_engine_meta
 from qwen3next_trt.export.manifest import Manifest
 
 MODEL_NAME = "qwen3next"
@@ -36,8 +41,9 @@ TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TY
 
 def check_sources(onnx_dir, engines_dir=None) -> tuple[Manifest, list[dict]]:
     """(manifest, engine metadata list) after checking what serving needs: every graph generation runs
-    (Manifest.generation_graphs) with its files matching the manifest's hashes, and, with engines, one
-    engine per such graph, built from that very graph and weights. InputError naming the first failure."""
+    (Manifest.generation_graphs) with its files matching the manifest's hashes, and, with engines, an
+    engine serving each such graph (one per weights group), built from this very export's graphs and
+    weights. InputError naming the first failure."""
     manifest = Manifest.load(onnx_dir)
     needed = [manifest.graph(n) for n in manifest.generation_graphs()]
     manifest.verify(needed)
@@ -46,19 +52,24 @@ def check_sources(onnx_dir, engines_dir=None) -> tuple[Manifest, list[dict]]:
     engines_dir = Path(engines_dir)
     if not engines_dir.is_dir():
         raise InputError(f"{engines_dir}: engines directory missing (run `qwen3next-trt build` first)")
-    metas = []
+    metas, served = [], {}
     for meta_path in sorted(engines_dir.glob("*.engine.json")):
         meta = read_engine_meta(meta_path)
-        if not manifest.has(meta["graph"]):
-            raise InputError(f"{meta_path}: an engine for graph {meta['graph']!r}, which {manifest.path} does not list "
-                             "(engines of another export?)")
-        check_engine_source(meta, meta_path, manifest, manifest.graph(meta["graph"]))
+        for graph in meta["graphs"]:
+            if not manifest.has(graph):
+                raise InputError(f"{meta_path}: an engine for graph {graph!r}, which {manifest.path} does not list "
+                                 "(engines of another export?)")
+            check_engine_source(meta, meta_path, manifest, manifest.graph(graph))
+            served[graph] = meta
         metas.append(meta)
-    have = {m["graph"] for m in metas}
     for rec in needed:
-        if rec.name not in have:
-            raise InputError(f"{engines_dir / (rec.name + '.engine')}: missing (no engine for graph {rec.name!r}; "
-                             f"run `qwen3next-trt build --onnx {onnx_dir} --out {engines_dir}`)")
+        if rec.name not in served:
+            engine = engines_dir / engine_file_name(engine_group(rec))
+            meta = next((m for m in metas if m["engine"] == engine.name), None)
+            what = (f"serves {', '.join(meta['graphs'])} only, not graph {rec.name!r}" if meta
+                    else f"missing (no engine for graph {rec.name!r}")
+            raise InputError(f"{engine}: {what}; run `qwen3next-trt build --onnx {onnx_dir} --out {engines_dir}`"
+                             + ("" if meta else ")"))
     return manifest, metas
 
 
@@ -101,8 +112,8 @@ def python_model_config(name: str, onnx_dir: Path, engines_dir: Path | None, def
     ])
 
 
-def plan_model_name(prefix: str, graph: str) -> str:
-    return f"{prefix}_{graph.replace('.', '_')}"
+def plan_model_name(prefix: str, group: str) -> str:
+    return f"{prefix}_{group.replace('.', '_')}"
 
 
 def _dims(shape) -> list[int]:
@@ -112,21 +123,33 @@ def _dims(shape) -> list[int]:
 def plan_model_config(name: str, meta: dict) -> str:
     def port(p):
         if p["dtype"] not in TRITON_DTYPES:
-            raise InputError(f"{meta['graph']}.engine.json: tensor {p['name']!r} has dtype {p['dtype']!r}, which Triton has no type for")
+            raise InputError(f"{meta['engine']}.json: tensor {p['name']!r} has dtype {p['dtype']!r}, which Triton has no type for")
         return _tensor(p["name"], TRITON_DTYPES[p["dtype"]], _dims(p["shape"]))
 
     trt = meta.get("tensorrt", {})
+    graphs = sorted(meta["graphs"].items(), key=lambda gi: gi[1])
+    if len(graphs) > 1:
+        instance = ("instance_group [ { kind: KIND_GPU count: 1 profile: [ "
+                    + ", ".join(f'"{i}"' for _, i in graphs) + " ] } ]")
+        note = ["# One plan, several optimization profiles: " + "; ".join(f"profile {i} serves {g}" for g, i in graphs) + ".",
+                "# Triton gives each listed profile an execution context of this instance's one engine (one copy of the",
+                "# weights) and runs a request on a listed profile whose ranges admit its shapes, the one nearest its opt",
+                "# shapes. count > 1 would deserialise the plan once per instance (dynamic shapes: no engine sharing)."]
+    else:
+        instance = "instance_group [ { kind: KIND_GPU count: 1 } ]"
+        note = [f"# graph {graphs[0][0]}"]
     return "\n".join([
         f'name: "{name}"',
         'platform: "tensorrt_plan"',
-        f"# graph {meta['graph']} built by {trt.get('flavour', '?')} {trt.get('version', '?')}; plugins: "
+        f"# engine {meta['engine']} built by {trt.get('flavour', '?')} {trt.get('version', '?')}; plugins: "
         + (", ".join(p["name"] for p in meta.get("plugins", [])) or "none"),
+        *note,
         "# Batch is an explicit engine dimension, so Triton must not add one.",
         "max_batch_size: 0",
         'default_model_filename: "model.plan"',
         "input [", ",\n".join(port(p) for p in meta["inputs"]), "]",
         "output [", ",\n".join(port(p) for p in meta["outputs"]), "]",
-        "instance_group [ { kind: KIND_GPU count: 1 } ]",
+        instance,
         "",
     ])
 
@@ -167,20 +190,45 @@ Triton 2.4x+: `tritonserver --model-repository {out} --model-control-mode explic
 PLAN_NOTE = """
 ## `tensorrt_plan` entries (hosts with Triton's TensorRT backend)
 
-{count} models `{prefix}_<graph>`, one per engine in `{engines_dir}` (`1/model.plan` links to the
-engine). Each is one graph with its states as plain inputs and outputs; the token loop lives in `{name}`.
+{count} models `{prefix}_<group>`, one per engine file in `{engines_dir}` (`1/model.plan` links to the
+engine). An engine holds its weights group once and serves the group's graphs through optimization
+profiles: `{prefix}_layer_00` runs `layer_00.prefill` (profile 0) and `layer_00.decode` (profile 1,
+one token). Its `instance_group {{ count: 1 profile: ["0", "1"] }}` gives the one instance an execution
+context per profile over one deserialised engine; Triton runs each request on the listed profile whose
+ranges admit its input shapes, nearest to that profile's opt shapes (a prompt of several tokens fits
+the prefill profile only). Send prefill and decode steps to the same model. Raising `count` deserialises
+the plan once more per instance (engines with dynamic shapes are not shared between instances), and
+so would two models pointing at the same plan: each copy holds the group's weights again. Each model is
+one part with its states as plain inputs and outputs; the token loop lives in `{name}`.
 They load only where:
 - the engines were built by the same TensorRT version as the server's TensorRT backend (these
   were built by {flavours}; Triton's backend links full TensorRT, which cannot load TensorRT-RTX plans:
   rebuild with `qwen3next-trt build --trt tensorrt` on the serving host);
-- the plugins the graphs use ({plugins}) are in the server's process. TensorRT's backend loads plugin
-  libraries named at start: `tritonserver --backend-config=tensorrt,plugins="/path/libqwen3next_trt_plugins.so"`
-  (several separated by `;`), or `LD_PRELOAD=/path/libqwen3next_trt_plugins.so tritonserver ...`. The project's
-  C++ plugin library is `libqwen3next_trt_plugins.so` (`qwen3next-trt plugin-library` prints its path);
-  build it on the serving host against that host's TensorRT headers. Serving these entries through
-  Triton's TensorRT backend has not been run here (no TensorRT that runs on Hopper is reachable).
-  Graphs without plugin layers: {plain}.
+- the plugins the graphs use ({plugins}) are in the server's process: start the server with
+  `--backend-config=tensorrt,plugins={plugin_library}` (several libraries separated by `;`);
+  `python -m qwen3next_trt.deploy.server` passes it (the path is recorded in `{marker}`). The project's
+  C++ plugin library is `libqwen3next_trt_plugins.so` (`qwen3next-trt plugin-library` builds it and
+  prints its path); build it on the serving host against that host's TensorRT headers. Serving these
+  entries through Triton's TensorRT backend has not been run here (no TensorRT that runs on Hopper is
+  reachable). Engines without plugin layers: {plain}.
 """
+
+
+def plugin_library_for(metas: list[dict]) -> str | None:
+    """The C++ plugin library the engines' plans need loaded beside them: the one they were built
+    with (their metadata), else this host's build of it; None when every plan embeds it or there is none."""
+    if not metas or all(m.get("plugin_library", {}).get("embedded") for m in metas):
+        return None
+    for m in metas:
+        path = m.get("plugin_library", {}).get("path")
+        if path:
+            return path
+    from qwen3next_trt.plugins import build as plugin_build
+
+    try:
+        return str(plugin_build.cpp_library_path(build=False))
+    except (plugin_build.PluginBuildError, plugin_build.PluginHeadersError):
+        return None
 
 
 def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL_NAME, plan_prefix: str = MODEL_NAME,
@@ -205,7 +253,7 @@ def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL
 
     configs = {model_name: python_model_config(model_name, onnx_dir, engines_dir, default_max_tokens, instances, batch_window_ms)}
     for meta in metas:
-        configs[plan_model_name(plan_prefix, meta["graph"])] = plan_model_config(plan_model_name(plan_prefix, meta["graph"]), meta)
+        configs[plan_model_name(plan_prefix, meta["group"])] = plan_model_config(plan_model_name(plan_prefix, meta["group"]), meta)
     for name, text in configs.items():
         parse_config(text, f"{out / name / 'config.pbtxt'}")  # a malformed config never reaches a server
 
@@ -223,17 +271,20 @@ def _write_into(tmp: Path, out: Path, configs: dict, metas: list, onnx_dir: Path
         (tmp / name / "config.pbtxt").write_text(text)
     shutil.copyfile(TEMPLATE, tmp / model_name / "1" / "model.py")
     for meta in metas:
-        os.symlink(engines_dir / meta["engine"], tmp / plan_model_name(plan_prefix, meta["graph"]) / "1" / "model.plan")
+        os.symlink(engines_dir / meta["engine"], tmp / plan_model_name(plan_prefix, meta["group"]) / "1" / "model.plan")
     plan_note = ""
+    plugin_library = plugin_library_for(metas)
     if metas:
         plan_note = PLAN_NOTE.format(
-            count=len(metas), prefix=plan_prefix, engines_dir=engines_dir, name=model_name,
+            count=len(metas), prefix=plan_prefix, engines_dir=engines_dir, name=model_name, marker=MARKER,
             flavours=", ".join(sorted({f"{m.get('tensorrt', {}).get('flavour', '?')} {m.get('tensorrt', {}).get('version', '?')}" for m in metas})),
             plugins=", ".join(sorted({p["name"] for m in metas for p in m.get("plugins", [])})) or "none",
-            plain=", ".join(m["graph"] for m in metas if not m.get("plugin_layers")) or "none")
+            plugin_library=f'"{plugin_library}"' if plugin_library else '"/path/libqwen3next_trt_plugins.so"',
+            plain=", ".join(m["engine"] for m in metas if not m.get("plugin_layers")) or "none")
     engines_note = f" (engines: {engines_dir})" if engines_dir else ""
     (tmp / "README.md").write_text(README.format(onnx_dir=onnx_dir, name=model_name, out=out, engines_note=engines_note,
                                                  default_max_tokens=default_max_tokens, plan_note=plan_note))
+    # the launcher (deploy/server.py) passes the plugin library to the TensorRT backend from here
     (tmp / MARKER).write_text(json.dumps({"onnx_dir": str(onnx_dir), "engines_dir": str(engines_dir or ""),
-                                          "models": sorted(configs)}, indent=2))
+                                          "models": sorted(configs), "plugin_library": plugin_library}, indent=2))
     return out

@@ -14,6 +14,10 @@ wheel's binary usable outside pytriton itself, each measured on the dev machine:
     with TritonServer(["out/repo"]) as server:      # ready when this returns
         server.http_url, server.grpc_url
 
+A repository with `tensorrt_plan` models (deploy --engines) records the C++ plugin library their plans
+need; the server gets `--backend-config=tensorrt,plugins=<it>` (the pytriton wheel has no TensorRT
+backend, so those models load only on a full Triton).
+
 `python -m qwen3next_trt.deploy.server --repo out/repo` serves until interrupted.
 """
 
@@ -35,7 +39,7 @@ from pathlib import Path
 
 from qwen3next_trt.errors import InputError
 
-from .repository import MODEL_NAME
+from .repository import MARKER, MODEL_NAME
 
 ENV_VAR = "QWEN3NEXT_TRITON_ENV"
 
@@ -96,6 +100,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def plugin_libraries(repositories) -> list[str]:
+    """The C++ plugin libraries the repositories' tensorrt_plan models need (recorded by `deploy`)."""
+    out = []
+    for repo in repositories:
+        try:
+            path = json.loads((Path(repo) / MARKER).read_text()).get("plugin_library")
+        except (OSError, ValueError, AttributeError):
+            continue  # not written by `deploy`: nothing recorded
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise InputError(f"{path}: the C++ plugin library that the tensorrt_plan models of {repo} need is missing "
+                             "(`qwen3next-trt plugin-library` builds it; then `qwen3next-trt deploy` again)")
+        if path not in out:
+            out.append(path)
+    return out
+
+
 class TritonServer:
     def __init__(self, repositories, models=(MODEL_NAME,), env_dir=None, http_port=None, grpc_port=None,
                  startup_timeout: float = 180.0, verbose: bool = False):
@@ -104,6 +126,7 @@ class TritonServer:
             if not repo.is_dir():
                 raise InputError(f"{repo}: model repository missing")
         self.models = list(models)
+        self.plugin_libraries = plugin_libraries(self.repositories)
         self.layout = ServerLayout(find_triton_env(env_dir))
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
         self.startup_timeout, self.verbose = startup_timeout, verbose
@@ -143,6 +166,9 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name=q3n{os.getpid()}_{self.http_port}_",
             "--exit-timeout-secs=20",
         ]
+        if self.plugin_libraries:
+            # tensorrt_plan models name their plugins only: the TensorRT backend dlopens these at start
+            cmd.append(f"--backend-config=tensorrt,plugins={';'.join(self.plugin_libraries)}")
         if self.verbose:
             cmd.append("--log-verbose=1")
         return cmd

@@ -1,10 +1,13 @@
 """Running a built engine on the GPU with the same call shape as an ONNX Runtime session.
 
-`EngineSession(path).run(None, feeds)` takes and returns numpy arrays, so the validator and the
-runtime drive engines (through qwen3next_trt/sessions.py) exactly as they drive ONNX Runtime. Before anything runs, the
-engine's metadata is checked against this process: TensorRT flavour and version, and every input
-shape against the engine's profile; a mismatch is an error naming the engine and tensor, never a
-silent rebuild.
+`EngineSession(path, graph=...).run(None, feeds)` takes and returns numpy arrays, so the validator and
+the runtime drive engines (through qwen3next_trt/sessions.py) exactly as they drive ONNX Runtime. An
+engine serves one or two graphs of its weights group, each through its own optimization profile
+(engines/metadata.py): `Engine` is the plan deserialised once (its weights on the GPU once), and
+every `EngineSession` over it has its own execution context set to its graph's profile. Before
+anything runs, the engine's metadata is checked against this process: TensorRT flavour and version,
+and every input shape against the selected profile; a mismatch is an error naming the engine and
+tensor, never a silent rebuild.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 from qwen3next_trt.errors import InputError
 
 from . import trt as trt_adapter
-from .metadata import read_engine_meta
+from .metadata import metadata_path, profile_of, read_engine_meta
 
 
 def _torch_dtype(trt, dt):
@@ -28,7 +31,10 @@ def _torch_dtype(trt, dt):
     return table[dt]
 
 
-class EngineSession:
+class Engine:
+    """A plan deserialised once: the runtime, the ICudaEngine and its metadata, shared by the sessions
+    of the graphs it serves."""
+
     def __init__(self, engine_path: str | Path, meta: dict | None = None):
         import torch
 
@@ -54,10 +60,38 @@ class EngineSession:
             cc = "sm_%d%d" % torch.cuda.get_device_capability()
             raise InputError(f"{self.path}: TensorRT could not deserialize it on {torch.cuda.get_device_name()} ({cc}); "
                              f"built for {', '.join(self.meta['compute_capabilities'])}")
-        self.context = self.engine.create_execution_context()
-        self.outputs = [o["name"] for o in self.meta["outputs"]]
-        self.profile = self.meta["profiles"][0] if self.meta["profiles"] else {}
+        have, want = self.engine.num_optimization_profiles, len([p for p in self.meta["profiles"] if p])
+        if want and have != want:
+            raise InputError(f"{self.path}: the plan has {have} optimization profile(s), its metadata lists {want}: rebuild it")
+
+
+class EngineSession:
+    """One graph of an engine: its own execution context, set to the graph's optimization profile.
+    `engine`: an `Engine` (shared with the session of the group's other graph) or a path; `graph`:
+    which of the engine's graphs (may be left out when it serves one)."""
+
+    def __init__(self, engine: Engine | str | Path, meta: dict | None = None, graph: str | None = None):
+        import torch
+
+        self.shared = engine if isinstance(engine, Engine) else Engine(engine, meta)
+        self.path, self.meta, self.T, self.engine = self.shared.path, self.shared.meta, self.shared.T, self.shared.engine
+        if graph is None:
+            if len(self.meta["graphs"]) != 1:
+                raise InputError(f"{self.path}: serves {', '.join(self.meta['graphs'])}: name the graph to run")
+            graph = next(iter(self.meta["graphs"]))
+        self.graph = graph
+        self.profile_index = profile_of(self.meta, metadata_path(self.path), graph)
+        self.profile = self.meta["profiles"][self.profile_index]
         self.stream = torch.cuda.Stream()
+        trt = self.T.trt
+        # activation memory for this context's own profile only (the default reserves the largest of
+        # all profiles: a decode context would hold the prefill's)
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
+        if self.engine.num_optimization_profiles > 1:
+            if not self.context.set_optimization_profile_async(self.profile_index, self.stream.cuda_stream):
+                raise InputError(f"{self.path}: cannot select optimization profile {self.profile_index} for graph {graph}")
+            self.stream.synchronize()
+        self.outputs = [o["name"] for o in self.meta["outputs"]]
 
     def _check_shape(self, name: str, shape: tuple):
         r = self.profile.get(name)
@@ -65,8 +99,10 @@ class EngineSession:
             return
         for axis, (lo, hi, n) in enumerate(zip(r["min"], r["max"], shape)):
             if not lo <= n <= hi:
-                raise InputError(f"{self.path.name}: input {name!r} axis {axis} = {n} is outside the engine's profile [{lo}, {hi}] "
-                                 f"(shape {list(shape)}); rebuild with larger --max-batch/--max-seq/--max-context")
+                fix = (f"this graph's profile takes exactly {lo} there" if lo == hi
+                       else "rebuild with larger --max-batch/--max-seq/--max-context")
+                raise InputError(f"{self.path.name}: input {name!r} axis {axis} = {n} is outside profile {self.profile_index} "
+                                 f"({self.graph}) of the engine, [{lo}, {hi}] (shape {list(shape)}); {fix}")
 
     def run(self, output_names, feeds: dict) -> list[np.ndarray]:
         import torch

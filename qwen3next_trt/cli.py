@@ -256,8 +256,9 @@ def cmd_build(args) -> int:
                             optimization_level=args.opt_level, flavour=args.trt, compute_capabilities=ccs,
                             force=args.force, progress=lambda m: print(m, flush=True), embed_plugins=args.embed_plugins)
     metas = builder.run()
-    built = sum(1 for m in metas if m)
-    print(f"wrote {built} engines + metadata to {args.out} (timing cache {args.out}/timing.cache)")
+    served = sum(len(m["graphs"]) for m in metas)
+    print(f"{len(metas)} engines + metadata in {args.out} serving {served} graphs, one engine per weights group "
+          f"(timing cache {args.out}/timing.cache)")
     return 0
 
 
@@ -432,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="compile the exported ONNX graphs into TensorRT engines")
     s.add_argument("--onnx", required=True, help="export directory (with manifest.json)")
     s.add_argument("--out", required=True, help="engines directory")
-    s.add_argument("--graphs", type=_spec, default="all", help="'all' or a comma list of graph names / groups (layer_03, final, model.prefill)")
+    s.add_argument("--graphs", type=_spec, default="all", help="'all' or a comma list of graph names / groups (layer_03, final, model.prefill); one engine per "
+                   "weights group, serving the selected graphs of it (layer_03: prefill + decode, two profiles)")
     s.add_argument("--max-batch", type=_int_at_least(1), default=4)
     s.add_argument("--max-seq", type=_int_at_least(1), default=256, help="longest prefill chunk")
     s.add_argument("--max-context", type=_int_at_least(1), default=4096, help="longest past (KV cache) length")

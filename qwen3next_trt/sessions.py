@@ -5,7 +5,8 @@ outputs as the manifest's ports name them, as ONNX Runtime's InferenceSession do
 - ONNX Runtime (`OrtSession`, `onnxrt_factory`) on the CPU provider, or on its CUDA provider
   (`device="cuda"`, backend name `onnxrt-cuda`), which reports the provider every node was placed on;
 - TensorRT engines (`engine_factory` -> engines/session.py's EngineSession), each checked to be built
-  from the very graph and weights of the export it is used with.
+  from the very graph and weights of the export it is used with; one engine per weights group, its
+  graphs (prefill and decode) sharing it, each through its own optimization profile.
 A session factory maps a manifest GraphRecord to a session. numpy has neither bfloat16 nor float8:
 float8e4m3fn tensors (an FP8 KV cache) travel as uint8 arrays of the same bits (NUMPY_DTYPES), and
 bfloat16 ones as float32 (rounded to bfloat16 on the way in, exactly widened on the way out).
@@ -151,27 +152,44 @@ def onnxrt_factory(onnx_dir: str | Path, threads: int | None = None, device: str
 
 
 def engine_path(engines_dir: str | Path, record) -> Path:
-    return Path(engines_dir) / f"{record.name}.engine"
+    """The engine that serves `record`: one per weights group, `<group>.engine` (engines/metadata.py)."""
+    from qwen3next_trt.engines.metadata import engine_file_name, engine_group
+
+    return Path(engines_dir) / engine_file_name(engine_group(record))
 
 
-def open_engine(engines_dir: str | Path, record, manifest):
-    """The engine built for `record`, after checking that it was built from this export's graph and
-    weights (engines/metadata.py) and before anything touches a GPU."""
+def open_engine(engines_dir: str | Path, record, manifest, loaded=None):
+    """A session for `record` on the engine of its weights group, through the profile that serves it,
+    after checking that the engine was built from this export's graphs and weights (engines/metadata.py)
+    and before anything touches a GPU. `loaded`: {engine key: engines.session.Engine}, where the
+    deserialised engines of earlier calls are kept, so the graphs of one group share one engine (one
+    copy of the weights on the GPU); without it every call deserialises its own."""
     from qwen3next_trt.engines.metadata import check_engine_source, metadata_path, read_engine_meta
 
     path = engine_path(engines_dir, record)
     if not path.is_file():
-        raise InputError(f"{path}: not found: expected an engine for graph {record.name!r} (qwen3next-trt build)")
+        raise InputError(f"{path}: not found: expected the engine of weights group {path.stem!r}, which serves graph "
+                         f"{record.name!r} (qwen3next-trt build)")
     meta = read_engine_meta(path)
     check_engine_source(meta, metadata_path(path), manifest, record)
-    from qwen3next_trt.engines.session import EngineSession
+    from qwen3next_trt.engines.session import Engine, EngineSession
 
-    return EngineSession(path, meta)
+    key = (str(path.resolve()), meta["cache_key"])
+    engine = loaded.get(key) if loaded is not None else None
+    if engine is None:
+        engine = Engine(path, meta)
+        if loaded is not None:
+            loaded[key] = engine
+    return EngineSession(engine, graph=record.name)
 
 
 def engine_factory(engines_dir: str | Path, manifest):
-    """GraphRecord -> EngineSession over `engines_dir/<graph>.engine`, tied to `manifest`'s export."""
-    return lambda record: open_engine(engines_dir, record, manifest)
+    """GraphRecord -> EngineSession on `engines_dir/<group>.engine`, tied to `manifest`'s export. The
+    sessions of one group share its deserialised engine while any of them is alive."""
+    import weakref
+
+    loaded = weakref.WeakValueDictionary()  # an engine lives as long as a session holds it
+    return lambda record: open_engine(engines_dir, record, manifest, loaded)
 
 
 # An export's dtype names (manifest field `dtype`, flag --dtype) and the torch dtype each stands for.

@@ -200,11 +200,16 @@ def test_build_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
     b.manifest = SimpleNamespace(weights={"layer_00.weights": SimpleNamespace(bytes=3 * 2**30), "final.weights": SimpleNamespace(bytes=2**30)})
     b.graphs = [SimpleNamespace(name="layer_00.prefill", weights="layer_00.weights"),
                 SimpleNamespace(name="layer_00.decode", weights="layer_00.weights"), SimpleNamespace(name="final", weights="final.weights")]
+    monkeypatch.setattr(builder.shutil, "disk_usage", lambda p: Usage(2**40, 0, 6 * 2**30))
+    with pytest.raises(InputError, match=r"building 2 engine\(s\) needs about 7\.\d GiB .* 6\.0 GiB free"):
+        b.check_disk()  # one engine per weights group: 3 (layer_00, both graphs) + 1 GiB + the largest (3) being written
     monkeypatch.setattr(builder.shutil, "disk_usage", lambda p: Usage(2**40, 0, 8 * 2**30))
-    with pytest.raises(InputError, match=r"needs about 10\.\d GiB .* 8\.0 GiB free"):
-        b.check_disk()  # 3 + 3 + 1 GiB of engines + the largest (3) being written
-    monkeypatch.setattr(builder.shutil, "disk_usage", lambda p: Usage(2**40, 0, 12 * 2**30))
     b.check_disk()
+    (b.out_dir).mkdir()
+    (b.out_dir / "layer_00.engine").write_bytes(b"")  # built already: only final's engine and the temporary file remain
+    monkeypatch.setattr(builder.shutil, "disk_usage", lambda p: Usage(2**40, 0, 4 * 2**30))
+    with pytest.raises(InputError, match=r"building 1 engine\(s\) needs about 4\.\d GiB .* 4\.0 GiB free"):
+        b.check_disk()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,22 +38,36 @@ def parse(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def fake_engines(export: Path, out: Path) -> Path:
-    """An engines directory in the layout `qwen3next-trt build` writes: `<graph>.engine` + `.engine.json`.
+def groups_of(manifest: dict) -> dict[str, list[dict]]:
+    """{group: its graphs, prefill first}, as `build` makes one engine of each weights group."""
+    groups: dict = {}
+    for g in manifest["graphs"]:
+        groups.setdefault(g["weights"].removesuffix(".weights"), []).append(g)
+    return {k: sorted(v, key=lambda g: g["mode"] != "prefill") for k, v in groups.items()}
+
+
+def fake_engines(export: Path, out: Path, plugin_library: Path | None = None) -> Path:
+    """An engines directory in the layout `qwen3next-trt build` writes: `<group>.engine` + `.engine.json`,
+    one per weights group, serving its graphs through a profile each.
 
     The plan files are empty: these tests check the repository around them, which needs no GPU."""
     manifest = json.loads((export / "manifest.json").read_text())
     out.mkdir()
-    for g in manifest["graphs"]:
-        (out / f"{g['name']}.engine").write_bytes(b"")
-        meta = {"format": "qwen3next-trt/engine", "graph": g["name"], "engine": f"{g['name']}.engine",
-                "inputs": g["inputs"], "outputs": g["outputs"], "profiles": [], "layers": [],
-                # tied to the export as `build` ties them: the graph's and its weights' sha256
-                "onnx_sha256": g["sha256"], "weights_sha256": manifest["weights"][g["weights"]]["sha256"],
+    for group, graphs in groups_of(manifest).items():
+        (out / f"{group}.engine").write_bytes(b"")
+        first = graphs[0]
+        meta = {"format": "qwen3next-trt/engine", "version": 2, "group": group, "engine": f"{group}.engine",
+                "graphs": {g["name"]: i for i, g in enumerate(graphs)}, "built_from": first["name"],
+                "inputs": first["inputs"], "outputs": first["outputs"], "profiles": [{} for _ in graphs], "layers": [],
+                # tied to the export as `build` ties them: the graphs' and their weights' sha256
+                "onnx_sha256": first["sha256"], "graph_sha256": {g["name"]: g["sha256"] for g in graphs},
+                "weights_sha256": manifest["weights"][first["weights"]]["sha256"],
                 "tensorrt": {"flavour": "tensorrt_rtx", "version": "1.7.1.116"},
                 "plugins": [{"name": "MoE", "version": "1", "namespace": ""}],
-                "plugin_layers": ["MoE"] if g.get("moe") else []}
-        (out / f"{g['name']}.engine.json").write_text(json.dumps(meta))
+                "plugin_layers": ["MoE"] if first.get("moe") else []}
+        if plugin_library:
+            meta["plugin_library"] = {"path": str(plugin_library), "embedded": False}
+        (out / f"{group}.engine.json").write_text(json.dumps(meta))
     return out
 
 
@@ -77,17 +91,24 @@ def test_repository_configs_parse_with_tritons_protobuf(tiny_export, tmp_path):
     assert cfg.parameters["engines_dir"].string_value == str(engines.resolve())
     assert (repo / "qwen3next" / "1" / "model.py").read_text().startswith('"""Triton Python-backend model')
 
-    # one tensorrt_plan model per engine, ports and symbolic dims from the engine metadata
-    for g in manifest["graphs"]:
-        name = plan_model_name("qwen3next", g["name"])
+    # one tensorrt_plan model per engine file, ports and symbolic dims from the engine metadata (the
+    # prefill graph's); a two-profile engine's one instance has both profiles: Triton picks by shape
+    groups = groups_of(manifest)
+    assert sorted(p.name for p in repo.iterdir() if p.name.startswith("qwen3next_")) == sorted(
+        plan_model_name("qwen3next", g) for g in groups)
+    for group, graphs in groups.items():
+        name, g = plan_model_name("qwen3next", group), graphs[0]
         plan = parse(repo / name / "config.pbtxt")
         assert plan.platform == "tensorrt_plan" and plan.max_batch_size == 0 and plan.name == name
         assert [i.name for i in plan.input] == [p["name"] for p in g["inputs"]]
         assert [o.name for o in plan.output] == [p["name"] for p in g["outputs"]]
         for port, spec in zip(list(plan.input) + list(plan.output), g["inputs"] + g["outputs"]):
             assert list(port.dims) == [d if isinstance(d, int) else -1 for d in spec["shape"]]
+        [instances] = plan.instance_group
+        assert instances.count == 1 and list(instances.profile) == (["0", "1"] if len(graphs) == 2 else [])
         link = repo / name / "1" / "model.plan"
-        assert link.is_symlink() and link.resolve() == (engines / f"{g['name']}.engine").resolve()
+        assert link.is_symlink() and link.resolve() == (engines / f"{group}.engine").resolve()
+    assert "profile 0 serves layer_00.prefill; profile 1 serves layer_00.decode" in (repo / "qwen3next_layer_00" / "config.pbtxt").read_text()
     readme = (repo / "README.md").read_text()
     assert "--backend-config=tensorrt,plugins=" in readme and "tensorrt_rtx 1.7.1.116" in readme
 
@@ -108,7 +129,8 @@ def _partial_export(export: Path, dest: Path, drop: str) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("case", ["no manifest", "graph file", "weights file", "engine", "engine metadata", "out not ours"])
+@pytest.mark.parametrize("case", ["no manifest", "graph file", "weights file", "engine", "engine metadata", "graph not served",
+                                  "old engine metadata", "out not ours"])
 def test_repository_refuses_incomplete_sources(tiny_export, tmp_path, case):
     onnx, engines, out = tiny_export, None, tmp_path / "repo"
     if case == "no manifest":
@@ -119,12 +141,24 @@ def test_repository_refuses_incomplete_sources(tiny_export, tmp_path, case):
         onnx, expected = _partial_export(tiny_export, tmp_path / "x", "final.weights"), "final.weights: missing"
     elif case == "engine":
         engines = fake_engines(tiny_export, tmp_path / "e")
-        (engines / "layer_03.prefill.engine").unlink()
-        expected = "layer_03.prefill.engine: missing"
+        (engines / "layer_03.engine").unlink()
+        expected = "layer_03.engine: missing"
     elif case == "engine metadata":
         engines = fake_engines(tiny_export, tmp_path / "e")
         (engines / "final.engine.json").unlink()
         expected = "final.engine: missing (no engine for graph 'final'"
+    elif case == "graph not served":  # an engine built from `--graphs layer_02.prefill` alone
+        engines = fake_engines(tiny_export, tmp_path / "e")
+        meta = json.loads((engines / "layer_02.engine.json").read_text())
+        meta["graphs"] = {"layer_02.prefill": 0}
+        (engines / "layer_02.engine.json").write_text(json.dumps(meta))
+        expected = "layer_02.engine: serves layer_02.prefill only, not graph 'layer_02.decode'"
+    elif case == "old engine metadata":  # engines of the layout with one engine per graph
+        engines = fake_engines(tiny_export, tmp_path / "e")
+        meta = json.loads((engines / "embed.engine.json").read_text())
+        del meta["version"]
+        (engines / "embed.engine.json").write_text(json.dumps(meta))
+        expected = "embed.engine.json: engine metadata version 1"
     else:
         out.mkdir()
         (out / "precious.txt").write_text("x")
@@ -138,6 +172,20 @@ def test_repository_refuses_incomplete_sources(tiny_export, tmp_path, case):
         assert not out.exists()
     else:
         assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_launcher_refuses_a_repository_whose_plugin_library_is_gone(tiny_export, tmp_path):
+    from qwen3next_trt.deploy.server import plugin_libraries
+
+    library = tmp_path / "lib.so"
+    library.write_bytes(b"")
+    repo = write_repository(tiny_export, tmp_path / "repo", engines_dir=fake_engines(tiny_export, tmp_path / "e", library))
+    assert json.loads((repo / MARKER).read_text())["plugin_library"] == str(library)
+    assert plugin_libraries([repo]) == [str(library)]
+    library.unlink()
+    with pytest.raises(InputError, match=r"lib\.so: the C\+\+ plugin library that the tensorrt_plan models of .* need is missing"):
+        plugin_libraries([repo])
+    assert plugin_libraries([write_repository(tiny_export, tmp_path / "plain")]) == []  # no plan models: nothing to load
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,11 +211,15 @@ def server(tiny_export, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("triton")
     good = write_repository(tiny_export, base / "repo")
-    # a second repository whose model points at engines, one of which disappears after writing
-    engines = fake_engines(tiny_export, base / "engines")
+    # a second repository whose model points at engines, one of which disappears after writing; its
+    # tensorrt_plan models make the launcher name the plugin library (a stand-in file: the wheel's
+    # server has no TensorRT backend to open it)
+    library = base / "libqwen3next_trt_plugins.so"
+    library.write_bytes(b"")
+    engines = fake_engines(tiny_export, base / "engines", plugin_library=library)
     broken = write_repository(tiny_export, base / "broken", engines_dir=engines, model_name="qwen3next_engines",
                               plan_prefix="engines")
-    (engines / "layer_02.decode.engine").unlink()
+    (engines / "layer_02.engine").unlink()
     t0 = time.monotonic()
     srv = TritonServer([good, broken], models=["qwen3next"]).start()
     srv.startup_seconds = time.monotonic() - t0
@@ -237,6 +289,9 @@ class Stream:
 
 
 def test_server_is_ready_and_serves_the_generated_config(server):
+    # the repository with tensorrt_plan models recorded the plugin library; the server was started with it
+    library = Path(server.repositories[1]).parent / "libqwen3next_trt_plugins.so"
+    assert f"--backend-config=tensorrt,plugins={library}" in server.command()
     client = httpclient.InferenceServerClient(server.http_url)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("qwen3next")
     cfg = client.get_model_config("qwen3next")
@@ -340,7 +395,7 @@ def test_missing_engine_fails_the_load_with_its_name(server, tiny_export, refere
         with pytest.raises(InferenceServerException) as err:
             client.load_model("qwen3next_engines")
         assert str(err.value.status()) == "400"
-        assert "layer_02.decode.engine: missing" in err.value.message()
+        assert "layer_02.engine: missing" in err.value.message()
         status, answer = generate(server, {"model": "qwen3next_engines", "input_ids": [1, 2], "stream": False})
         assert 400 <= status < 500 and "qwen3next_engines" in answer["error"]
         assert client.is_server_live() and client.is_model_ready("qwen3next")
@@ -348,7 +403,7 @@ def test_missing_engine_fails_the_load_with_its_name(server, tiny_export, refere
         assert status == 200 and answer["tokens"] == reference[2]
     finally:
         client.close()
-    with pytest.raises(InputError, match="layer_02.decode.engine: missing"):
+    with pytest.raises(InputError, match="layer_02.engine: missing"):
         check_sources(tiny_export, Path(server.repositories[1]).parent / "engines")
 
 

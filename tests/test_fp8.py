@@ -141,7 +141,7 @@ def test_fp8_engines_build_for_fp8_targets(fp8_export, tmp_path, capsys):
     pytest.importorskip("tensorrt_rtx")
     out = tmp_path / "eng"
     assert main(["build", "--onnx", str(fp8_export), "--out", str(out), "--graphs", "layer_00,layer_03"]) == 0
-    meta = json.loads((out / "layer_00.prefill.engine.json").read_text())
+    meta = json.loads((out / "layer_00.engine.json").read_text())
     assert meta["compute_capabilities"] == ["SM89", "SM120"]
     assert main(["build", "--onnx", str(fp8_export), "--out", str(out), "--compute-capability", "SM80"]) == 2
     assert "FP8" in capsys.readouterr().err

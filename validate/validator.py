@@ -10,6 +10,7 @@ The export is read through its manifest (export/manifest.py) and its files verif
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -49,6 +50,8 @@ class Validator:
         self.tf32 = tf32
         self.placement: dict[str, dict[str, list[str]]] = {}
         self.engines = Path(engines) if engines else None
+        # a group's prefill and decode sessions share its deserialised engine while both are alive
+        self._loaded_engines = weakref.WeakValueDictionary()
         self.backend, self.generate = backend, generate
         self.notes: list[str] = []
         self.report_dir = Path(report_dir) if report_dir else self.dir / "validation"
@@ -118,7 +121,7 @@ class Validator:
             return session
         if not engine_path(self.engines, rec).is_file():
             raise LookupError(f"no engine {engine_path(self.engines, rec).name} in {self.engines}")
-        return open_engine(self.engines, rec, self.manifest)
+        return open_engine(self.engines, rec, self.manifest, self._loaded_engines)
 
     def _runners(self, rec: GraphRecord, kv_scales: dict) -> list:
         from polygraphy.backend.onnxrt import OnnxrtRunner
