@@ -1,11 +1,13 @@
-"""Build-time rewrites of an exported graph into the form the TensorRT plugins take.
+"""Build-time rewrites of an exported graph into the forms TensorRT (and its plugins) take.
 
 The ONNX files stay what ONNX Runtime runs (the CPU oracle): FP8 experts are float8e4m3fn
 initializers dequantised by a blocked `DequantizeLinear` in front of the `com.microsoft::MoE` node.
 TensorRT would run that DequantizeLinear as a layer writing every expert of the layer in float on
 every step (512 x 3 x 2048 x 512 weights at 80B). `onnx_for_parser` gives the parser the same graph
 with the MoE node taking the FP8 bytes and their 128x128 block scales directly (the plugin's 8-input
-FP8 form, plugins/moe/README.md), as TensorRT folds Q/DQ into its own GEMMs.
+FP8 form, plugins/moe/README.md), as TensorRT folds Q/DQ into its own GEMMs. And with static FP8
+activation scales, every FP8 projection whose weight has several 128-column blocks is split along K
+into FP8 x FP8 GEMMs TensorRT can build (`split_fp8_gemms`).
 
 Plain `onnx` protobuf edits, not onnx-graphsurgeon: graphsurgeon has no numpy type for float8 and
 casts such a constant to another type when its values are touched; here the FP8 initializers are
@@ -138,6 +140,95 @@ def fold_fp8_experts(model: onnx.ModelProto, base_dir: Path, path: Path) -> list
     return records
 
 
+def _only(G: _Graph, name: str, op: str):
+    """The node of type `op` producing `name`, or None."""
+    n = G.producer.get(name)
+    return n if n is not None and n.op_type == op and n.domain in ("", "ai.onnx") else None
+
+
+def _fp8_weight(G: _Graph, gemm):
+    """(chain of nodes to drop, fp8 initializer [N, K], per-row scale initializer [N, nb], block) when the
+    GEMM's B input is DequantizeLinear(float8 weight, blocked along K) read as W^T, else None."""
+    if gemm.op_type == "Gemm":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
+        if attrs.get("transA", 0) != 0 or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return None
+        chain, dq = [], _only(G, gemm.input[1], "DequantizeLinear")
+    else:
+        t = _only(G, gemm.input[1], "Transpose")
+        if t is None or list(_attr(t, "perm", [])) != [1, 0]:
+            return None
+        chain, dq = [t], _only(G, t.input[0], "DequantizeLinear")
+    if dq is None or len(dq.input) < 2:
+        return None
+    w, s = G.init.get(dq.input[0]), G.init.get(dq.input[1])
+    block = _attr(dq, "block_size", 0)
+    if w is None or s is None or w.data_type != onnx.TensorProto.FLOAT8E4M3FN or len(w.dims) != 2 or not block:
+        return None
+    if _attr(dq, "axis", 1) not in (-1, 1) or list(s.dims) != [w.dims[0], -(-w.dims[1] // block)]:
+        return None
+    return [*chain, dq], w, s, block
+
+
+def split_fp8_gemms(model: onnx.ModelProto, base_dir: Path, path: Path) -> list[dict]:
+    """FP8 x FP8 GEMMs that TensorRT can build, with the checkpoint's 128x128 blocks kept exact.
+
+    A GEMM whose activation is quantised (static Q/DQ) and whose FP8 weight has several scale blocks
+    along K fails in TensorRT-RTX 1.7's Myelin (`CHECK(is_constant())`, NOTES.md; one block, or per-channel
+    weight scales, build). So y = x @ W^T with W = w * s[n, k / B] becomes
+    sum over k-blocks b of x[:, b] @ (w[:, b] * s[:, b])^T: one FP8 x FP8 GEMM per block of B columns, each
+    weight dequantised per output channel (scale column b), the partial products summed in the
+    activation dtype. The same weights and scales, in another grouping."""
+    G = _Graph(model, base_dir, path)
+    records, nodes = [], list(G.g.node)
+    for gemm in [n for n in nodes if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]:
+        act = _only(G, gemm.input[0], "DequantizeLinear")
+        if act is None or _only(G, act.input[0], "QuantizeLinear") is None:
+            continue  # weight-only FP8 (or a float GEMM): TensorRT takes it as it is
+        found = _fp8_weight(G, gemm)
+        if found is None:
+            continue
+        chain, w, s, block = found
+        N, K = w.dims
+        nb = -(-K // block)
+        if nb == 1:
+            continue  # one block along K is a per-channel scale: builds as it is
+        weight = G.array(w.name).view(np.uint8)
+        scale = G.array(s.name)
+        tag = gemm.name or gemm.output[0]
+        widths = [min(block, K - b * block) for b in range(nb)]
+        new = [onnx.helper.make_node("Split", [gemm.input[0], f"{tag}.k_splits"], [f"{tag}.x{b}" for b in range(nb)],
+                                     axis=-1, name=f"{tag}.split_k")]
+        G.g.initializer.append(numpy_helper.from_array(np.array(widths, np.int64), f"{tag}.k_splits"))
+        for b in range(nb):
+            wb = onnx.helper.make_tensor(f"{tag}.w{b}", onnx.TensorProto.FLOAT8E4M3FN, [N, widths[b]],
+                                         np.ascontiguousarray(weight[:, b * block : b * block + widths[b]]).tobytes(), raw=True)
+            G.g.initializer.extend([wb, numpy_helper.from_array(np.ascontiguousarray(scale[:, b]), f"{tag}.s{b}")])
+            new += [onnx.helper.make_node("DequantizeLinear", [f"{tag}.w{b}", f"{tag}.s{b}"], [f"{tag}.wd{b}"], axis=0, name=f"{tag}.dq{b}"),
+                    onnx.helper.make_node("Transpose", [f"{tag}.wd{b}"], [f"{tag}.wt{b}"], perm=[1, 0], name=f"{tag}.t{b}"),
+                    onnx.helper.make_node("MatMul", [f"{tag}.x{b}", f"{tag}.wt{b}"], [f"{tag}.y{b}"], name=f"{tag}.mm{b}")]
+        bias = gemm.input[2] if gemm.op_type == "Gemm" and len(gemm.input) > 2 and gemm.input[2] else None
+        total = gemm.output[0] if bias is None else f"{tag}.sum"
+        new.append(onnx.helper.make_node("Sum", [f"{tag}.y{b}" for b in range(nb)], [total], name=f"{tag}.sum_k"))
+        if bias is not None:
+            new.append(onnx.helper.make_node("Add", [total, bias], [gemm.output[0]], name=f"{tag}.bias"))
+        i = next(i for i, n in enumerate(nodes) if n is gemm)
+        nodes[i : i + 1] = new
+        records.append({"node": tag, "weight": w.name, "shape": [N, K], "k_blocks": nb})
+        read = lambda name: any(name in n.input for n in nodes)  # noqa: E731
+        for node in chain:  # Transpose, then the DequantizeLinear it read, then their initializers
+            if not read(node.output[0]):
+                nodes = [n for n in nodes if n is not node]
+        for t in (w, s):
+            if not read(t.name):
+                G.g.initializer.remove(t)
+    if records:  # new nodes in place of each GEMM: the list stays in topological order
+        kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+        del G.g.node[:]
+        G.g.node.extend(kept)
+    return records
+
+
 def onnx_for_parser(onnx_path: Path) -> tuple[bytes, dict]:
     """The model bytes to hand TensorRT's parser (`parser.parse(bytes, str(onnx_path))`: external
     weights are found beside `onnx_path`), and a record of what was rewritten (for the metadata)."""
@@ -147,4 +238,5 @@ def onnx_for_parser(onnx_path: Path) -> tuple[bytes, dict]:
     except (OSError, DecodeError) as e:
         raise InputError(f"{onnx_path}: cannot read the ONNX graph ({e})") from None
     moe = fold_fp8_experts(model, onnx_path.parent, onnx_path)
-    return model.SerializeToString(), {"moe_fp8": moe}
+    gemms = split_fp8_gemms(model, onnx_path.parent, onnx_path)
+    return model.SerializeToString(), {"moe_fp8": moe, "fp8_gemms_split_k": gemms}
