@@ -113,6 +113,11 @@ def fold_fp8_experts(model: onnx.ModelProto, base_dir: Path, path: Path) -> list
     records = []
     for moe in [n for n in G.g.node if n.op_type == "MoE" and n.domain == MOE_DOMAIN]:
         fc1, fc2 = (_fp8_source(G, moe, s) if len(moe.input) > s else None for s in (FC1, FC2))
+        for slot in (FC1, FC2):
+            raw = G.init.get(moe.input[slot]) if len(moe.input) > slot else None
+            if raw is not None and raw.data_type == onnx.TensorProto.FLOAT8E4M3FN:
+                raise InputError(f"{G.path}: node {moe.name!r}: input {slot} ({raw.name!r}) is float8 without scales: "
+                                 "expected DequantizeLinear(float8 weights, float32 block scales) -> MoE, as `export --precision fp8` writes")
         if fc1 is None and fc2 is None:
             continue  # float experts: nothing to fold
         why = _why_not(G, moe, fc1, fc2)

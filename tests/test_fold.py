@@ -129,6 +129,17 @@ def test_scales_of_the_wrong_shape_are_one_clear_error(official):
         fold_fp8_experts(model, path.parent, path)
 
 
+def test_fp8_experts_without_scales_are_one_clear_error(official):
+    _, exports = official
+    path = exports["fp32"] / "layer_00.prefill.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    (moe,) = [n for n in model.graph.node if n.op_type == "MoE"]
+    dq = next(n for n in model.graph.node if n.output[0] == moe.input[2])
+    moe.input[2] = dq.input[0]  # the float8 initializer itself, its scale dropped on the way
+    with pytest.raises(InputError, match=r"node 'node_moe': input 2 \('experts_fc1'\) is float8 without scales"):
+        fold_fp8_experts(model, path.parent, path)
+
+
 def test_fp8_engines_feed_fp8_experts_to_the_moe_plugin(official, tmp_path):
     """`build` parses the folded graph: TensorRT-RTX's layer list has the MoE plugin reading float8
     constants and float32 block scales, with no DEQUANTIZE layer in front of it."""
