@@ -30,6 +30,12 @@ HOST_DTYPES = dict(NUMPY_DTYPES, bfloat16=np.float32)
 ORT_FLOAT8, ORT_BF16 = "tensor(float8e4m3fn)", "tensor(bfloat16)"
 FLOAT8_ONNX, BF16_ONNX = 17, 16  # onnx.TensorProto.FLOAT8E4M3FN / BFLOAT16 (onnx itself is not needed at run time)
 BACKENDS = ("onnxrt", "onnxrt-cuda", "tensorrt")
+# ONNX Runtime's port type names -> onnx.TensorProto element types / numpy dtypes, for OrtValues made
+# directly on a device (runtime/device.py)
+ONNX_ELEMENT = {"tensor(float)": 1, "tensor(uint8)": 2, "tensor(int64)": 7, "tensor(bool)": 9, "tensor(float16)": 10,
+                "tensor(bfloat16)": 16, "tensor(float8e4m3fn)": 17}
+ONNX_NUMPY = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(bool)": np.bool_,
+              "tensor(float16)": np.float16}
 CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 # Environment knobs that put ONNX Runtime on other kernel paths (see validate/README.md, "Tolerances"):
@@ -68,9 +74,14 @@ class OrtSession:
     float8e4m3fn inputs and outputs travel as uint8 arrays of the same bits, bfloat16 ones as float32.
 
     tf32: let the CUDA provider's float32 MatMul / Gemm use TF32 tensor cores (10 mantissa bits instead
-    of 23); off by default, so a float32 graph is compared in float32."""
+    of 23); off by default, so a float32 graph is compared in float32.
+    cuda_graph: the CUDA provider captures the graph's kernels once and replays them (`enable_cuda_graph`).
+    Such a session runs only through `run_bound` with every input and output bound to device buffers
+    whose addresses never change (the replay reads and writes the captured addresses); `run` refuses it.
+    runtime/device.py drives it."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu", tf32: bool = False):
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu", tf32: bool = False,
+                 cuda_graph: bool = False):
         if device == "cuda":
             try:
                 import torch  # noqa: F401  (loads the CUDA 13 libraries the CUDA provider links: PLATFORM.md)
@@ -79,13 +90,19 @@ class OrtSession:
         import onnxruntime as ort
 
         self._ort, self.device = ort, device
+        self.path, self.threads, self.tf32, self.cuda_graph = Path(path), threads, tf32, cuda_graph
+        if cuda_graph and device != "cuda":
+            raise InputError(f"{path}: cuda_graph needs device 'cuda', got {device!r}")
         opts = session_options(threads)
         opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         if device == "cuda":
             if CUDA_EP not in ort.get_available_providers():
                 raise InputError(f"{path}: the CUDA provider is not in this onnxruntime {ort.__version__} "
                                  f"(providers: {', '.join(ort.get_available_providers())}): install onnxruntime-gpu")
-            providers = [(CUDA_EP, {"device_id": "0", "use_tf32": "1" if tf32 else "0"}), CPU_EP]
+            cuda_options = {"device_id": "0", "use_tf32": "1" if tf32 else "0"}
+            if cuda_graph:
+                cuda_options["enable_cuda_graph"] = "1"
+            providers = [(CUDA_EP, cuda_options), CPU_EP]
         elif device == "cpu":
             providers = [CPU_EP]
         else:
@@ -96,6 +113,8 @@ class OrtSession:
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph, ort.capi.onnxruntime_pybind11_state.NoSuchFile) as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise InputError(f"{path}: ONNX Runtime cannot load it ({first})") from None
+        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.output_types = {o.name: o.type for o in self.session.get_outputs()}
         self.bits_inputs = {i.name: i.type for i in self.session.get_inputs() if i.type in (ORT_FLOAT8, ORT_BF16)}
         self.output_names = [o.name for o in self.session.get_outputs()]
         special_out = any(o.type in (ORT_FLOAT8, ORT_BF16) for o in self.session.get_outputs())
@@ -110,16 +129,10 @@ class OrtSession:
         return out
 
     def _value(self, name: str, array):
-        OrtValue = self._ort.OrtValue
         kind = self.bits_inputs.get(name)
-        if kind == ORT_FLOAT8:
-            return OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(array, dtype=np.uint8), FLOAT8_ONNX)
-        if kind == ORT_BF16:
-            import ml_dtypes
-
-            bits = np.ascontiguousarray(np.asarray(array, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16))
-            return OrtValue.ortvalue_from_numpy_with_onnx_type(bits, BF16_ONNX)
-        return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+        if kind:
+            return self._host_value(kind, array)
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
     @staticmethod
     def _host(value) -> np.ndarray:
@@ -133,7 +146,64 @@ class OrtSession:
             return bits.view(ml_dtypes.bfloat16).astype(np.float32)
         return value.numpy()
 
+    def sibling(self, cuda_graph: bool) -> "OrtSession":
+        """Another session over the same graph file and options, with or without CUDA-graph capture."""
+        return OrtSession(self.path, self.threads, self.device, self.tf32, cuda_graph)
+
+    # -- device-resident values (runtime/device.py): OrtValues that stay where the provider computes --
+    @property
+    def value_device(self) -> str:
+        return "cuda" if self.device == "cuda" else "cpu"
+
+    def empty_value(self, ort_type: str, shape):
+        """An uninitialised OrtValue of the port type `ort_type` (e.g. 'tensor(bfloat16)') on this
+        session's device: a buffer allocated once whose address stays fixed."""
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(map(int, shape)), ONNX_ELEMENT[ort_type], self.value_device, 0)
+
+    def device_value(self, ort_type: str, array, into=None):
+        """Host array (as `run` takes it: bf16 as float32, float8 as uint8 bits) -> an OrtValue of the
+        port type on this session's device; `into`: an existing one of the same shape, overwritten in
+        place (its address kept, as a captured CUDA graph needs)."""
+        host = self._host_value(ort_type, array)
+        if into is None:
+            into = self.empty_value(ort_type, host.shape())
+        into.update_inplace(host)
+        return into
+
+    def _host_value(self, ort_type: str, array):
+        OrtValue = self._ort.OrtValue
+        if ort_type == ORT_FLOAT8:
+            return OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(array, dtype=np.uint8), FLOAT8_ONNX)
+        if ort_type == ORT_BF16:
+            import ml_dtypes
+
+            bits = np.ascontiguousarray(np.asarray(array, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16))
+            return OrtValue.ortvalue_from_numpy_with_onnx_type(bits, BF16_ONNX)
+        return OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=ONNX_NUMPY[ort_type]))
+
+    def to_host(self, value, staging=None) -> np.ndarray:
+        """A device OrtValue -> numpy, as `run` returns it. `staging`: a CPU OrtValue of the same type and
+        shape to copy through (bfloat16 and float8 have no numpy view of device memory)."""
+        if value.device_name().lower() != "cpu":
+            staging = staging if staging is not None else self._ort.OrtValue.ortvalue_from_shape_and_type(
+                value.shape(), ONNX_ELEMENT[value.data_type()], "cpu", 0)
+            staging.update_inplace(value)
+            value = staging
+        return self._host(value)
+
+    def run_bound(self, binding, graph_id: int | None = None) -> None:
+        """Run over an IOBinding whose inputs and outputs are already bound (device values stay where
+        they are). graph_id: which of the session's captured CUDA graphs this binding is (one per set of
+        buffer addresses); ignored without cuda_graph."""
+        options = None
+        if self.cuda_graph and graph_id is not None:
+            options = self._ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.run_with_iobinding(binding, options)
+
     def run(self, names, feed: dict) -> list[np.ndarray]:
+        if self.cuda_graph:
+            raise RuntimeError(f"{self.path}: a CUDA-graph session runs only over fixed device buffers (run_bound)")
         if self.plain:
             return self.session.run(names, feed)
         binding = self.session.io_binding()

@@ -58,6 +58,15 @@ class GenerationStats:
     drafted: list[int] = field(default_factory=list)  # per draft position: drafts proposed
     accepted: list[int] = field(default_factory=list)  # per draft position: drafts accepted
     rollback_layer_runs: int = 0  # DeltaNet layer graphs re-run to roll states back
+    # decode through runtime/device.py (states on the device): its setup (uploads, CUDA-graph captures),
+    # the steps after it, and the graphs captured / notes on those that could not be
+    device_resident: bool = False
+    decode_setup_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    cuda_graphs: list[str] = field(default_factory=list)
+    device_notes: list[str] = field(default_factory=list)
+    step_parts_s: dict = field(default_factory=dict)
 
     @property
     def acceptance(self) -> list[float]:
@@ -74,14 +83,26 @@ class GenerationStats:
         return {"requests": self.requests, "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "time_to_first_token_s": self.time_to_first_token_s, "total_s": self.total_s,
                 "main_passes": self.main_passes, "row_passes": self.row_passes, "tokens_per_main_pass": self.tokens_per_main_pass,
-                "acceptance_per_position": self.acceptance, "rollback_layer_runs": self.rollback_layer_runs}
+                "acceptance_per_position": self.acceptance, "rollback_layer_runs": self.rollback_layer_runs,
+                "device_resident": self.device_resident, "decode_setup_s": self.decode_setup_s, "decode_s": self.decode_s,
+                "decode_steps": self.decode_steps, "cuda_graphs": self.cuda_graphs, "device_notes": self.device_notes,
+                "step_parts_s": self.step_parts_s}
 
 
 class Generator:
-    """Generation over one export. `engines_dir` runs TensorRT engines instead of ONNX Runtime."""
+    """Generation over one export. `engines_dir` runs TensorRT engines instead of ONNX Runtime.
+
+    device_resident: decode steps through runtime/device.py (states stay on the device, IO binding);
+    None: whenever every session is ONNX Runtime on the CUDA provider; True also runs it on the CPU
+    provider (tests). Speculation (mtp_k > 0) keeps the host path. cuda_graphs: capture the step's
+    fixed-shape graphs there (default: on, unless $QWEN3NEXT_TRT_CUDA_GRAPHS=0). step_times: time each
+    part of a device step (host clock around each session call)."""
 
     def __init__(self, onnx_dir: str | Path, engines_dir: str | Path | None = None, session_factory=None,
-                 threads: int | None = None, prefill_chunk: int | None = None, mtp: bool | None = None, device: str = "cpu"):
+                 threads: int | None = None, prefill_chunk: int | None = None, mtp: bool | None = None, device: str = "cpu",
+                 device_resident: bool | None = None, cuda_graphs: bool | None = None, step_times: bool = False):
+        from .device import cuda_graphs_default, device_resident as all_on_cuda
+
         manifest = Manifest.load(onnx_dir)
         if session_factory is None:
             session_factory = engine_factory(engines_dir, manifest) if engines_dir is not None else onnxrt_factory(onnx_dir, threads, device)
@@ -91,6 +112,9 @@ class Generator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise InputError(f"prefill_chunk: expected a positive number of tokens, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        self.device_resident = all_on_cuda(self.model) if device_resident is None else device_resident
+        self.cuda_graphs = cuda_graphs_default() if cuda_graphs is None else cuda_graphs
+        self.step_times = step_times
         self.last_stats = GenerationStats()
 
     @property
@@ -153,6 +177,7 @@ class _Run:
         self.m, self.prompts, self.max_new, self.sampling, self.stop, self.k = gen.model, prompts, max_new, sampling, stop, k
         self.prefill_chunk = gen.prefill_chunk
         self.keep_logits = keep_logits
+        self.gen = gen
         B = len(prompts)
         self.lengths = np.array([len(p) for p in prompts])
         self.L0 = int(self.lengths.max())
@@ -195,7 +220,7 @@ class _Run:
         self.stats.time_to_first_token_s = time.perf_counter() - t0
         for r in range(len(self.prompts)):
             yield self._emit(r, self.pending[r], last_logits[r])
-        steps = self._speculate(prompt_normed) if self.k else self._decode()
+        steps = self._speculate(prompt_normed) if self.k else self._decode_device() if self.gen.device_resident else self._decode()
         yield from steps
         self.stats.total_s = time.perf_counter() - t0
 
@@ -240,6 +265,37 @@ class _Run:
             for j, r in enumerate(rows):
                 self.pending[r] = choose(logits[j, -1], self.sampling, self.rngs[r])
                 yield self._emit(r, self.pending[r], logits[j, -1])
+
+    def _decode_device(self) -> Iterator[TokenEvent]:
+        """Decode steps with the states on the device (runtime/device.py): every row computes every step
+        (fixed shapes), finished rows' tokens are dropped; only logits come back."""
+        from .device import DeviceDecoder, StepTimes
+
+        if self.done.all():
+            return
+        t0 = time.perf_counter()
+        times = StepTimes() if self.gen.step_times else None
+        dec = DeviceDecoder(self.m, self.store, self.L, cuda_graphs=self.gen.cuda_graphs, times=times)
+        st = self.stats
+        st.device_resident, st.cuda_graphs, st.device_notes = True, dec.captured, dec.notes
+        st.decode_setup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        while not self.done.all():
+            rows = self._active()
+            self.store.mask[:, self.L] = True
+            logits = dec.step(self.pending, self.pos, self.store.mask[:, : self.L + 1])[rows]
+            self._check_finite(logits, rows)
+            self.L += 1
+            self.pos += 1
+            st.main_passes += 1
+            st.row_passes += len(rows)
+            st.decode_steps += 1
+            for j, r in enumerate(rows):
+                self.pending[r] = choose(logits[j], self.sampling, self.rngs[r])
+                yield self._emit(r, self.pending[r], logits[j])
+            st.decode_s = time.perf_counter() - t0
+            if times is not None:
+                st.step_parts_s = dict(times.parts)
 
     def _speculate(self, prompt_normed: dict) -> Iterator[TokenEvent]:
         k, m, store = self.k, self.m, self.store
