@@ -1,6 +1,7 @@
 """Plugin kernels at Qwen3-Next-80B-A3B sizes on one GPU, with peers and roofline floors in the same run.
 
     python bench/kernels.py [--out bench/results/kernels-<device>.json] [--quick] [--only decode|prefill|moe]
+    python bench/kernels.py --peer ort [--only decode|prefill|moe]     # ONNX Runtime's CUDA kernels as the peer
     python bench/kernels.py --merge PART.json... --out ALL.json
 
 Rows: Gated DeltaNet prefill (1x4096, 1x32768, 4x8192: the chunked kernel on tensor cores (what the
@@ -18,6 +19,17 @@ time, the floor max(bytes / measured copy bandwidth, FLOPs / measured bf16 matmu
 every input read once + every output written once (MoE: the experts the routing actually touched),
 ratio to the peer (same inputs, same timing method where it captures), and the relative error
 against the reference. Prints the device, clocks and date; writes JSON.
+
+`--peer ort`: ONNX Runtime's own CUDA kernels (onnxruntime-gpu, a single com.microsoft node per graph:
+LinearAttention gated_delta at decode 32x1 / 256x1 and prefill 1x4096 / 1x32768, MoE swiglu_fusion 1 with
+bf16 weights (ONNX Runtime has no FP8 MoE) at 1 / 8 / 64 tokens) on the same input sets as our kernel in
+the same process, each row ours (the kernel the plugin dispatches to) against it. The node runs on a
+torch stream handed to the provider (`user_compute_stream`) with the end-of-run synchronisation off, so
+the same CUDA events time it; it is captured by ONNX Runtime's own CUDA graphs (one `gpu_graph_id` per
+input set, replays timed) where the provider captures it, else timed call by call ("events": the
+provider's per-run host work included when it is longer than the kernel). LinearAttention twice: float32
+throughout (our state precision) and bf16 with a bf16 state (its CUDA kernel wants the state in the
+activation dtype).
 """
 
 from __future__ import annotations
@@ -180,8 +192,9 @@ def gdn_rows(rates, fla, quick, part):
     return rows
 
 
-def moe_rows(rates, quick):
-    g = torch.Generator().manual_seed(1)
+def moe_weights(g):
+    """Routed experts at the 80B sizes: FP8 bytes + 128x128 scales as the kernel takes them, and the
+    same weights dequantised to bf16 (gate, up, down) for the reference and the bf16 peers."""
     gate = [torch.randn(INTER, H, generator=g) / H**0.5 for _ in range(E)]
     up = [torch.randn(INTER, H, generator=g) / H**0.5 for _ in range(E)]
     down = [torch.randn(H, INTER, generator=g) / INTER**0.5 for _ in range(E)]
@@ -196,6 +209,12 @@ def moe_rows(rates, quick):
     deq_up = torch.stack([q.dequantize() for q in qu]).to("cuda", torch.bfloat16)
     deq_down = torch.stack([q.dequantize() for q in q2]).to("cuda", torch.bfloat16)
     del gate, up, down, qg, qu
+    return fc1, s1, fc2, s2, deq_gate, deq_up, deq_down
+
+
+def moe_rows(rates, quick):
+    g = torch.Generator().manual_seed(1)
+    fc1, s1, fc2, s2, deq_gate, deq_up, deq_down = moe_weights(g)
     rows = []
     for n in ((1, 8, 64, 1024, 4096) if not quick else (1, 64)):
         # Different routing per call: a repeated call would find its experts in L2.
@@ -225,21 +244,175 @@ def moe_rows(rates, quick):
     return rows
 
 
+# -- ONNX Runtime's CUDA kernels as peers (--peer ort) ----------------------------------------------
+
+def ort_name() -> str:
+    import onnxruntime as ort
+
+    return f"ORT CUDA {ort.__version__}"
+
+
+_ONNX_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7}
+
+
+def single_node_model(op: str, inputs: dict, outputs: dict, **attrs) -> bytes:
+    """One com.microsoft node over graph inputs/outputs named and typed as the given tensors ('' = an
+    omitted optional input)."""
+    from onnx import helper
+
+    io = lambda d: [helper.make_tensor_value_info(n, _ONNX_TYPES[t.dtype], list(t.shape)) for n, t in d.items() if t is not None]  # noqa: E731
+    node = helper.make_node(op, [n if t is not None else "" for n, t in inputs.items()], list(outputs), domain="com.microsoft", **attrs)
+    model = helper.make_model(helper.make_graph([node], op, io(inputs), io(outputs)),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def ort_timed(model: bytes, calls: list, reps: int) -> tuple[float | None, str, str | None]:
+    """ms per call of the single-node graph over `calls` [(inputs {name: cuda tensor}, outputs {name:
+    cuda tensor written in place})], run in turn; CUDA events on the stream the provider computes on.
+    Returns (ms, method, note: why the provider's CUDA graph was not used, or the error)."""
+    import onnxruntime as ort
+
+    stream = torch.cuda.Stream()
+    dev = torch.cuda.current_device()
+    note = None
+    torch.cuda.synchronize()
+    for graph in (True, False):
+        try:
+            options = {"device_id": str(dev), "use_tf32": "0", "user_compute_stream": str(stream.cuda_stream)}
+            if graph:
+                options["enable_cuda_graph"] = "1"
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            sess = ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", options)])
+            binds, runs = [], []
+            for j, (ins, outs) in enumerate(calls):
+                b = sess.io_binding()
+                for n, t in ins.items():
+                    if t is not None:
+                        b.bind_input(n, "cuda", dev, _ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
+                for n, t in outs.items():
+                    b.bind_output(n, "cuda", dev, _ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
+                r = ort.RunOptions()
+                r.add_run_config_entry("disable_synchronize_execution_providers", "1")
+                if graph:
+                    r.add_run_config_entry("gpu_graph_id", str(j + 1))
+                binds.append(b)
+                runs.append(r)
+            with torch.cuda.stream(stream):
+                ms = timed(lambda: [sess.run_with_iobinding(b, r) for b, r in zip(binds, runs)], warmup=4, reps=reps)
+            torch.cuda.synchronize()
+            return ms / len(calls), "ort-graph" if graph else "events", note
+        except Exception as e:  # noqa: BLE001 - the provider's reason goes into the row
+            torch.cuda.synchronize()
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            note = f"{'CUDA graph' if graph else 'run'} refused: {msg}"
+    return None, "failed", note
+
+
+def ort_gdn_rows(rates, part):
+    """Our GDN kernel and ONNX Runtime's LinearAttention (float32; bf16 with a bf16 state) on the same inputs."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    shapes = [(32, 1), (256, 1)] if part == "decode" else [(1, 4096), (1, 32768)]
+    for B, T in shapes:
+        q, k, v, s0, decay, beta = gdn_inputs(B, T, g)
+        state_bytes = 2 * B * HV * D * D * 4
+        copies = 1 if T > 4 else max(1, min(64, (256 << 20) // state_bytes))
+        sets = gdn_copies(q, k, v, s0, decay, beta, copies)
+        ref_out, ref_state = reference_scan(q.float(), k.float(), v.float(), s0, decay.float(), beta.float(), HK, HV, D**-0.5)
+        act_bytes = B * T * (2 * HK * D + 2 * HV * D + 2 * HV) * 2
+        flops = B * T * HV * 4 * 2 * D * D
+        floor = max((act_bytes + state_bytes) / rates["copy_GBps"] / 1e6, flops / rates["bf16_TFLOPs"] / 1e9)
+        label = "decode" if T <= 4 else "chunk_tc"
+        reps = 5 if T > 4096 else 20
+        scan = lambda a: (lambda: torch_ops.linear_attention(*a[:3], a[3], a[4], a[5], HK, HV, D**-0.5, impl="auto"))  # noqa: E731
+        out, state = scan(sets[0])()
+        ours, method = timed_calls([scan(a) for a in sets], reps=reps)
+        ours_err = (rel_err(out.float(), ref_out), rel_err(state, ref_state))
+        del out, state
+        for dtype, state_dtype, tag in ((torch.float32, torch.float32, "fp32"), (torch.bfloat16, torch.bfloat16, "bf16, bf16 state")):
+            calls = []
+            for qq, kk, vv, ss, dd, bb in sets:
+                ins = {"query": qq.to(dtype), "key": kk.to(dtype), "value": vv.to(dtype), "past_state": ss.to(state_dtype),
+                       "decay": dd.to(dtype), "beta": bb.to(dtype)}
+                outs = {"output": torch.full((B, T, HV * D), float("nan"), device="cuda", dtype=dtype),
+                        "present_state": torch.full((B, HV, D, D), float("nan"), device="cuda", dtype=state_dtype)}
+                calls.append((ins, outs))
+            model = single_node_model("LinearAttention", calls[0][0], calls[0][1], q_num_heads=HK, kv_num_heads=HV,
+                                      update_rule="gated_delta", scale=D**-0.5)
+            peer_ms, peer_method, note = ort_timed(model, calls, reps)
+            o = calls[0][1]
+            rows.append({"kernel": f"GDN {'decode' if T <= 4 else 'prefill'} {label}", "shape": f"{B}x{T}", "ms": ours, "timing": method,
+                         "copies": copies, "floor_ms": floor, "peer": f"{ort_name()} LinearAttention ({tag})", "peer_ms": peer_ms,
+                         "peer_timing": peer_method, "peer_note": note, "ratio_to_peer": ours / peer_ms if peer_ms else None,
+                         "rel_err_out": ours_err[0], "rel_err_state": ours_err[1],
+                         "peer_rel_err_out": rel_err(o["output"].float(), ref_out) if peer_ms else None,
+                         "peer_rel_err_state": rel_err(o["present_state"].float(), ref_state) if peer_ms else None})
+            print_row(rows[-1])
+            del calls
+            torch.cuda.empty_cache()
+        del sets
+        torch.cuda.empty_cache()
+    return rows
+
+
+def ort_moe_rows(rates):
+    """Our FP8 MoE (fast decode path) and ONNX Runtime's MoE (bf16 weights: the same values dequantised,
+    which is also what the reference computes with) on the same tokens and router logits."""
+    g = torch.Generator().manual_seed(1)
+    fc1, s1, fc2, s2, deq_gate, deq_up, deq_down = moe_weights(g)
+    # swiglu_fusion 1: gate and up rows interleaved, as the export hands them to the node
+    fc1_bf16 = torch.stack([deq_gate, deq_up], 2).reshape(E, 2 * INTER, H).contiguous()
+    rows = []
+    for n in (1, 8, 64):
+        copies = max(1, min(32, 320 // (n * TOPK) * 4))
+        xs = [torch.randn(n, H, generator=g).to("cuda", torch.bfloat16) for _ in range(copies)]
+        ls = [torch.randn(n, E, generator=g).to("cuda", torch.bfloat16) for _ in range(copies)]
+        w, idx = route_tokens(ls[0], TOPK, True)
+        ref_out = moe_dispatch(xs[0], w, idx, deq_gate, deq_up, deq_down)
+        touched = sum(route_tokens(lg, TOPK, True)[1].unique().numel() for lg in ls) / copies
+        weight_bytes = touched * 3 * H * INTER + touched * (2 * INTER // 128 * H // 128 + H // 128 * INTER // 128) * 4
+        floor = max((weight_bytes + n * (2 * H * 2 + E * 2)) / rates["copy_GBps"] / 1e6, n * TOPK * 3 * 2 * H * INTER / rates["bf16_TFLOPs"] / 1e9)
+        call = lambda x, lg: (lambda: torch_ops.moe_fp8(x, lg, fc1, s1, fc2, s2, TOPK, 1, impl="fast"))  # noqa: E731
+        out = call(xs[0], ls[0])()
+        ours, method = timed_calls([call(x, lg) for x, lg in zip(xs, ls)], reps=20)
+        calls = [({"input": x, "router_probs": lg, "fc1_experts_weights": fc1_bf16, "fc1_experts_bias": None,
+                   "fc2_experts_weights": deq_down, "fc2_experts_bias": None},
+                  {"output": torch.full((n, H), float("nan"), device="cuda", dtype=torch.bfloat16)}) for x, lg in zip(xs, ls)]
+        model = single_node_model("MoE", calls[0][0], calls[0][1], k=TOPK, activation_type="swiglu", swiglu_fusion=1,
+                                  normalize_routing_weights=1, use_sparse_mixer=0, activation_alpha=1.0, activation_beta=0.0)
+        peer_ms, peer_method, note = ort_timed(model, calls, 20)
+        rows.append({"kernel": "MoE FP8 fast", "shape": f"{n} tokens", "ms": ours, "timing": method, "copies": copies,
+                     "experts_touched": touched, "floor_ms": floor, "peer": f"{ort_name()} MoE (bf16 weights)", "peer_ms": peer_ms,
+                     "peer_timing": peer_method, "peer_note": note, "ratio_to_peer": ours / peer_ms if peer_ms else None,
+                     "rel_err_out": rel_err(out.float(), ref_out.float()),
+                     "peer_rel_err_out": rel_err(calls[0][1]["output"].float(), ref_out.float()) if peer_ms else None})
+        print_row(rows[-1])
+    return rows
+
+
 def print_row(r):
     peer = f"{r['peer_ms']:.4f} ms ({r['ratio_to_peer']:.2f}x)" if r.get("peer_ms") else "-"
     extra = f"  state BW {r['state_bandwidth_fraction']:.0%}" if r.get("state_bandwidth_fraction") else ""
+    if r.get("peer_rel_err_out") is not None:
+        extra += f"  peer rel err {r['peer_rel_err_out']:.1e}"
+    if r.get("peer_note"):
+        extra += f"  [{r['peer']}: {r['peer_note']}]"
     print(f"{r['kernel']:<20}{r['shape']:>12}{r['ms']:>10.4f} ms [{r['timing']}]  floor {r['floor_ms']:.4f} ms "
           f"({r['floor_ms'] / r['ms']:.0%} of it)  peer {peer:<24}  rel err {r['rel_err_out']:.1e}{extra}", flush=True)
 
 
 def print_table(rows):
-    print("\n| kernel | shape | ours ms | peer ms | ours/peer | floor ms | % of floor | rel err |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| kernel | shape | ours ms | peer | peer ms | ours/peer | floor ms | % of floor | rel err | peer rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        peer = f"{r['peer_ms']:.4f}" if r.get("peer_ms") else "-"
+        peer = f"{r['peer_ms']:.4f} ({r.get('peer_timing')})" if r.get("peer_ms") else "-"
         ratio = f"{r['ratio_to_peer']:.2f}x" if r.get("ratio_to_peer") else "-"
-        print(f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {peer} | {ratio} | {r['floor_ms']:.4f} | "
-              f"{r['floor_ms'] / r['ms']:.0%} | {r['rel_err_out']:.1e} |")
+        peer_err = f"{r['peer_rel_err_out']:.1e}" if r.get("peer_rel_err_out") is not None else "-"
+        print(f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {r.get('peer') or '-'} | {peer} | {ratio} | {r['floor_ms']:.4f} | "
+              f"{r['floor_ms'] / r['ms']:.0%} | {r['rel_err_out']:.1e} | {peer_err} |")
 
 
 def main():
@@ -248,6 +421,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["decode", "prefill", "moe"], help="one part (bench/device/kernels_run.sh runs each in its own process)")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these per-part results into --out and print the table")
+    ap.add_argument("--peer", choices=["ort"], help="ort: ONNX Runtime's CUDA kernels as the peer, at their shapes (needs onnxruntime-gpu)")
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -267,7 +441,11 @@ def main():
           f"bf16 matmul {rates['bf16_TFLOPs']:.0f} TFLOP/s; FLA: {'yes' if not isinstance(fla, str) else 'no (' + fla + ')'}")
     rows = []
     for part in ("decode", "prefill", "moe"):
-        if args.only in (None, part):
+        if args.only not in (None, part):
+            continue
+        if args.peer == "ort":
+            rows += ort_moe_rows(rates) if part == "moe" else ort_gdn_rows(rates, part)
+        else:
             rows += moe_rows(rates, args.quick) if part == "moe" else gdn_rows(rates, fla, args.quick, part)
     print_table(rows)
     out = Path(args.out or f"bench/results/kernels-{name.replace(' ', '_')}.json")
