@@ -234,6 +234,35 @@ def test_unknown_graph_and_target(tiny_export, tmp_path, capsys):
                                  "--compute-capability", "SM90"]), "SM90")
 
 
+def _edited_export(tiny_export, dest, edit):
+    """The tiny export's files (linked) under a manifest changed by `edit(manifest dict)`."""
+    dest.mkdir()
+    for f in tiny_export.iterdir():
+        if f.name != "manifest.json":
+            (dest / f.name).symlink_to(f)
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    edit({g["name"]: g for g in manifest["graphs"]})
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+@pytest.mark.parametrize("case", ["decode port dtype", "decode port shape", "two graphs of one kind share weights"])
+def test_graphs_one_engine_cannot_serve_are_refused(tiny_export, tmp_path, capsys, case):
+    def edit(graphs):
+        if case == "decode port dtype":
+            graphs["layer_00.decode"]["inputs"][1]["dtype"] = "float16"
+        elif case == "decode port shape":
+            graphs["layer_00.decode"]["inputs"][0]["shape"][1] = 2
+        else:
+            graphs["final"]["weights"] = "lm_head.weights"
+    onnx_dir = _edited_export(tiny_export, tmp_path / "onnx", edit)
+    needles = {"decode port dtype": ("layer_00.prefill and layer_00.decode share layer_00.weights", "inputs differ"),
+               "decode port shape": ("input 'hidden' of layer_00.decode has shape ['batch', 2, 128]", "at seq = 1"),
+               "two graphs of one kind share weights": ("graphs final, lm_head share the weights file lm_head.weights",)}[case]
+    one_error_line(capsys, main(["build", "--onnx", str(onnx_dir), "--out", str(tmp_path / "e")]), "manifest.json", *needles)
+    assert not (tmp_path / "e").exists()
+
+
 def fake_export(tmp_path, node, inputs, outputs):
     """A one-node export directory (tmp_path/onnx) with a manifest, for the parser's error paths."""
     tmp_path = tmp_path / "onnx"  # beside, not around, the engines folder the tests build into
