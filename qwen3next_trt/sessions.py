@@ -150,6 +150,19 @@ class OrtSession:
         """Another session over the same graph file and options, with or without CUDA-graph capture."""
         return OrtSession(self.path, self.threads, self.device, self.tf32, cuda_graph)
 
+    def graph_sibling(self) -> "OrtSession":
+        """The CUDA-graph session over this graph, opened once and kept (its weights are loaded once)."""
+        if getattr(self, "_graph_sibling", None) is None:
+            self._graph_sibling = self.sibling(cuda_graph=True)
+        return self._graph_sibling
+
+    def new_graph_ids(self, n: int) -> list[int]:
+        """n graph ids not used before in this session: a captured graph keeps the buffer addresses it
+        was captured with, so new buffers need new ids (0, the default id, is never handed out)."""
+        first = getattr(self, "_next_graph_id", 1)
+        self._next_graph_id = first + n
+        return list(range(first, first + n))
+
     # -- device-resident values (runtime/device.py): OrtValues that stay where the provider computes --
     @property
     def value_device(self) -> str:

@@ -12,8 +12,9 @@ and then runs whole decode steps over OrtValues that live where the provider com
   - the hidden state between graphs: one fixed device buffer per graph boundary (embed -> layer 0 ->
     ... -> final); only the token ids go in and the logits come out (copied to the host once per step).
 CUDA graphs (`cuda_graphs`): every fixed-shape graph of the step (embed, the DeltaNet decode graphs,
-final) gets a second session with `enable_cuda_graph`, captured once per parity (`gpu_graph_id`) before
-the real states are uploaded, so warm-up and capture runs touch only zeros. A graph the provider
+final) gets a second session with `enable_cuda_graph` (opened once per graph and kept), captured once
+per parity under graph ids of this decoder's own (`gpu_graph_id`: a captured graph replays the buffer
+addresses it saw) before the real states are uploaded, so warm-up and capture runs touch only zeros. A graph the provider
 refuses to capture (e.g. a kernel that reads sizes back to the host) runs uncaptured; `notes` says which
 and why. The batch is fixed for the whole decode (finished rows keep computing, their tokens unused):
 that keeps every shape, and so every captured graph, valid.
@@ -31,7 +32,6 @@ import numpy as np
 from qwen3next_trt.export.manifest import DECODE, Role, layer_graph_name
 
 CUDA_GRAPHS_ENV = "QWEN3NEXT_TRT_CUDA_GRAPHS"  # 0: the device decoder captures nothing (for comparisons)
-GRAPH_IDS = (1, 2)  # gpu_graph_id per parity (0 is the provider's default id, kept out of the way)
 CAPTURE_RUNS = 4  # runs per parity before the real states arrive: ONNX Runtime captures after a warm-up run
 
 
@@ -46,13 +46,18 @@ class StepTimes:
 
 
 class _Graph:
-    """One fixed-shape graph of the step: a session (captured or not) and one IOBinding per parity."""
+    """One fixed-shape graph of the step: a session (captured or not) and one IOBinding per parity
+    (with its CUDA graph id when captured)."""
 
-    def __init__(self, name: str, session, bindings: list, captured: bool):
-        self.name, self.session, self.bindings, self.captured = name, session, bindings, captured
+    def __init__(self, name: str, session, bindings: list, graph_ids: list | None):
+        self.name, self.session, self.bindings, self.graph_ids = name, session, bindings, graph_ids
+
+    @property
+    def captured(self) -> bool:
+        return self.graph_ids is not None
 
     def run(self, parity: int) -> None:
-        self.session.run_bound(self.bindings[parity], GRAPH_IDS[parity] if self.captured else None)
+        self.session.run_bound(self.bindings[parity], self.graph_ids[parity] if self.graph_ids else None)
 
 
 class DeviceDecoder:
@@ -124,16 +129,17 @@ class DeviceDecoder:
         """A fixed-shape graph: bindings for both parities, captured as CUDA graphs when asked and possible."""
         if self.cuda_graphs:
             try:
-                graph_session = session.sibling(cuda_graph=True)
+                graph_session = session.graph_sibling()
                 bindings = self._bindings(graph_session, bind)
+                ids = graph_session.new_graph_ids(2)  # this decoder's buffers: graphs of their own
                 for parity in (0, 1):
                     for _ in range(CAPTURE_RUNS):
-                        graph_session.run_bound(bindings[parity], GRAPH_IDS[parity])
-                self.graphs[name] = _Graph(name, graph_session, bindings, True)
+                        graph_session.run_bound(bindings[parity], ids[parity])
+                self.graphs[name] = _Graph(name, graph_session, bindings, ids)
                 return
             except Exception as e:  # noqa: BLE001 - the provider's refusal is the reason we report
                 self.notes.append(f"{name}: not captured as a CUDA graph ({str(e).strip().splitlines()[0][:200]}); runs uncaptured")
-        self.graphs[name] = _Graph(name, session, self._bindings(session, bind), False)
+        self.graphs[name] = _Graph(name, session, self._bindings(session, bind), None)
 
     @staticmethod
     def _bindings(session, bind) -> list:

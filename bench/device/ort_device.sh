@@ -1,0 +1,45 @@
+# Issue 17, second part, on the device: the device-resident runtime on ONNX Runtime's CUDA provider, its
+# kernels as peers, and a reduced-depth 80B run. onnxruntime-gpu travels as for ort_cuda.sh: first the
+# four part calls (`bash bench/device/ort_cuda.sh`, carry .whl/ort.part.NN + .whl/ort.sha256), then:
+#   bash bench/device/ort_device.sh runtime   carry out/dev17/fp32 (a tiny fp32 export made here) + .whl/ort.sha256
+#                                              + .whl/polygraphy-0.53.6-py3-none-any.whl: GPU tests of runtime/device.py,
+#                                              generate --device cuda (CUDA graphs on / off), validate's greedy check,
+#                                              bench/kernels.py --peer ort (decode, prefill, moe)
+#   bash bench/device/ort_device.sh 80b       export a 4-layer 80B (bf16, random weights) there and time decode
+#                                              (bench/ort_reduced_depth.py)
+set -u
+bash bench/device/ort_cuda.sh >/dev/null 2>&1  # unpacks onnxruntime-gpu if the parts are all there
+[ -d /tmp/ortsite/onnxruntime ] || { echo "onnxruntime-gpu not unpacked: send the four part calls first"; exit 3; }
+source bench/device/env.sh
+ls .whl/polygraphy-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/polygraphy-*.whl
+export PYTHONPATH=/tmp/ortsite:/tmp/site:$PYTHONPATH
+python3 -c "import torch, onnxruntime as o, onnx, onnxscript; print('onnxruntime', o.__version__, o.get_available_providers(), '| onnx', onnx.__version__, 'onnxscript', onnxscript.__version__)" 2>&1 | tee -a $OUT/device.txt
+case "${1:-}" in
+runtime)
+  echo "== GPU tests: runtime/device.py"
+  QWEN3NEXT_TRT_TEST_EXPORT=out/dev17/fp32 timeout 150 python3 -P -m pytest -q -m gpu -p no:cacheprovider -s -rs --tb=short \
+    tests/test_runtime_device.py > $OUT/gpu_tests.log 2>&1; tail -12 $OUT/gpu_tests.log
+  for cg in 1 0; do
+    echo "== generate out/dev17/fp32 --device cuda, QWEN3NEXT_TRT_CUDA_GRAPHS=$cg"
+    QWEN3NEXT_TRT_CUDA_GRAPHS=$cg timeout 60 python3 -P -m qwen3next_trt.cli generate --onnx out/dev17/fp32 --device cuda \
+      --prompt-ids 5,17,3,99,42,7,61,8 --prompt-ids 9,31,4,56,13,88,40,2 --max-new-tokens 64 --json $OUT/generate_fp32_cg$cg.json 2>&1 | tail -3
+  done
+  for part in decode prefill moe; do
+    echo "== bench/kernels.py --peer ort --only $part"
+    timeout ${PEER_TIMEOUT:-100} python3 bench/kernels.py --peer ort --only $part --out /tmp/kort-$part.json 2>&1 | tee -a $OUT/kernels_ort.log | grep -v "^|"
+  done
+  python3 bench/kernels.py --merge $(ls /tmp/kort-*.json) --out $OUT/kernels_ort.json | tee -a $OUT/kernels_ort.log
+  echo "== validate out/dev17/fp32 --backend onnxrt-cuda (greedy through the device-resident decoder)"
+  timeout ${VALIDATE_TIMEOUT:-120} python3 -P -m qwen3next_trt.cli validate --onnx out/dev17/fp32 --backend onnxrt-cuda --report /tmp/val_fp32 \
+    > $OUT/validate_fp32.log 2>&1; grep -E "greedy|result|PASS|FAIL" $OUT/validate_fp32.log | tail -6
+  cp /tmp/val_fp32/report.json $OUT/validate_fp32_report.json 2>/dev/null
+  ;;
+80b)
+  echo "== reduced-depth 80B (4 layers, bf16, random weights): export here, then decode"
+  df -h /tmp | tail -1
+  timeout ${RUN_TIMEOUT:-420} python3 bench/ort_reduced_depth.py --out /tmp/rd80 --layers 4 --dtype bf16 --batches 1,8 --new 64 2>&1 \
+    | tee $OUT/reduced_depth.log | grep -v "^\[export\]"
+  cp /tmp/rd80/result.json $OUT/reduced_depth.json 2>/dev/null
+  ;;
+*) echo "usage: bash bench/device/ort_device.sh runtime|80b"; exit 2 ;;
+esac
