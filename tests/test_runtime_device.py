@@ -130,7 +130,7 @@ def _cuda_provider() -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["cuda-graphs", "no-graphs"])
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["no-graphs", "cuda-graphs"])
 def test_cuda_provider_device_resident_equals_reference_greedy(export_dir, prompts, expected, cuda_graphs):
     if not _cuda_provider():
         pytest.skip("onnxruntime-gpu's CUDA provider is not available here (bench/device/ort_cuda.sh carries it)")
