@@ -7,6 +7,8 @@
 #                                              bench/kernels.py --peer ort (decode, prefill, moe)
 #   bash bench/device/ort_device.sh 80b       export a 4-layer 80B (bf16, random weights) there and time decode
 #                                              (bench/ort_reduced_depth.py)
+#   bash bench/device/ort_device.sh paths     carry out/dev17/bf16 + out/dev17/fp16: device-resident decode vs the
+#                                              host path on the same sessions (bench/device/ort_paths.py)
 set -u
 bash bench/device/ort_cuda.sh >/dev/null 2>&1  # unpacks onnxruntime-gpu if the parts are all there
 [ -d /tmp/ortsite/onnxruntime ] || { echo "onnxruntime-gpu not unpacked: send the four part calls first"; exit 3; }
@@ -41,5 +43,11 @@ runtime)
     | tee $OUT/reduced_depth.log | grep -v "^\[export\]"
   cp /tmp/rd80/result.json $OUT/reduced_depth.json 2>/dev/null
   ;;
-*) echo "usage: bash bench/device/ort_device.sh runtime|80b"; exit 2 ;;
+paths)
+  # the device-resident decoder against the host path on the same CUDA sessions (carry out/dev17/bf16 and fp16)
+  echo "== runtime/device.py vs the host path, per export dtype"
+  timeout ${RUN_TIMEOUT:-200} python3 -P bench/device/ort_paths.py ${PATHS_DIRS:-out/dev17/bf16 out/dev17/fp16} 2>&1 \
+    | grep -v "No registered plugin EP" | tee $OUT/paths.log
+  ;;
+*) echo "usage: bash bench/device/ort_device.sh runtime|80b|paths"; exit 2 ;;
 esac
