@@ -214,21 +214,23 @@ They load only where:
 """
 
 
-def plugin_library_for(metas: list[dict]) -> str | None:
-    """The C++ plugin library the engines' plans need loaded beside them: the one they were built
-    with (their metadata), else this host's build of it; None when every plan embeds it or there is none."""
-    if not metas or all(m.get("plugin_library", {}).get("embedded") for m in metas):
-        return None
-    for m in metas:
-        path = m.get("plugin_library", {}).get("path")
-        if path:
-            return path
+def plugin_library_for(metas: list[dict], engines_dir: Path | None) -> str | None:
+    """The C++ plugin library the engines' plans need loaded beside them: the one they were built with
+    (recorded in their metadata, checked by sha256), or this host's build of it when that has the same
+    hash; None when every plan embeds it or there are no engines. InputError when it is missing or differs."""
+    from qwen3next_trt.engines.metadata import metadata_path, plugin_library_path
     from qwen3next_trt.plugins import build as plugin_build
 
     try:
-        return str(plugin_build.cpp_library_path(build=False))
+        current = plugin_build.cpp_library_path(build=False)
     except (plugin_build.PluginBuildError, plugin_build.PluginHeadersError):
-        return None
+        current = None
+    found = {plugin_library_path(m, metadata_path(engines_dir / m["engine"]), current) for m in metas}
+    found.discard(None)
+    if len(found) > 1:
+        raise InputError(f"{engines_dir}: the engines were built with different plugin libraries ({', '.join(map(str, sorted(found)))}): "
+                         "rebuild them together")
+    return str(found.pop()) if found else None
 
 
 def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL_NAME, plan_prefix: str = MODEL_NAME,
@@ -244,6 +246,7 @@ def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL
     check_output(out_arg, "--out", {"export (--onnx)": onnx_dir, "engines (--engines)": engines_dir},
                  lambda p: (p / MARKER).is_file(), "a model repository written by `qwen3next-trt deploy`", MARKER)
     _, metas = check_sources(onnx_dir, engines_dir)
+    plugin_library = plugin_library_for(metas, engines_dir)
     if default_max_tokens < 1:
         raise InputError(f"default_max_tokens: must be >= 1, got {default_max_tokens}")
     if not 0 <= batch_window_ms <= 10_000:
@@ -259,12 +262,12 @@ def write_repository(onnx_dir, out, engines_dir=None, *, model_name: str = MODEL
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out) as tmp:
-        _write_into(tmp, out, configs, metas, onnx_dir, engines_dir, model_name, plan_prefix, default_max_tokens)
+        _write_into(tmp, out, configs, metas, onnx_dir, engines_dir, model_name, plan_prefix, default_max_tokens, plugin_library)
     return out
 
 
 def _write_into(tmp: Path, out: Path, configs: dict, metas: list, onnx_dir: Path, engines_dir: Path | None, model_name: str,
-                plan_prefix: str, default_max_tokens: int):
+                plan_prefix: str, default_max_tokens: int, plugin_library: str | None):
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the repository from a server run as another user
     for name, text in configs.items():
         (tmp / name / "1").mkdir(parents=True)
@@ -273,7 +276,6 @@ def _write_into(tmp: Path, out: Path, configs: dict, metas: list, onnx_dir: Path
     for meta in metas:
         os.symlink(engines_dir / meta["engine"], tmp / plan_model_name(plan_prefix, meta["group"]) / "1" / "model.plan")
     plan_note = ""
-    plugin_library = plugin_library_for(metas)
     if metas:
         plan_note = PLAN_NOTE.format(
             count=len(metas), prefix=plan_prefix, engines_dir=engines_dir, name=model_name, marker=MARKER,

@@ -97,3 +97,32 @@ def check_engine_source(meta: dict, meta_path: Path, manifest, record) -> int:
         raise InputError(f"{meta_path}: built from weights with sha256 {meta['weights_sha256'][:12]}..., but {weights} "
                          f"is {manifest.weights[record.weights].sha256[:12]}... (another export): rebuild the engine")
     return profile
+
+
+def plugin_library_path(meta: dict, meta_path: Path, current: Path | None = None) -> Path | None:
+    """The C++ plugin library to load before deserialising the engine: None when the plan embeds it;
+    else the library recorded at build time, or `current` (this host's build), whichever has the
+    recorded sha256. A plan names its plugins only, so another library build could hold other
+    kernels or fields under the same names: a missing or different library is an error, not a guess."""
+    lib = meta.get("plugin_library")
+    if not lib:  # metadata that records none (hand-made): this host's library, if any
+        return current if current is not None and current.is_file() else None
+    if lib.get("embedded"):
+        return None
+    from qwen3next_trt.hashing import verified_sha256
+
+    want = lib.get("sha256")
+    recorded = Path(lib["path"]) if lib.get("path") else None
+    seen = []
+    for path in dict.fromkeys(p for p in (recorded, current) if p is not None):
+        if path.is_file():
+            sha = verified_sha256(path)[0]
+            if want is None or sha == want:
+                return path
+            seen.append(f"{path} has sha256 {sha[:16]}...")
+    need = f"the plugin library it was built with ({recorded or 'path not recorded'}, sha256 {str(want)[:16]}...)"
+    if not seen:
+        raise InputError(f"{meta_path}: {need} is missing: rebuild the engines (`qwen3next-trt build`), or build them "
+                         "with --embed-plugins so the plan carries it")
+    raise InputError(f"{meta_path}: {need} is not there: {'; '.join(seen)}; rebuild the engines with this library "
+                     "(`qwen3next-trt build --force`)")

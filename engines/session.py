@@ -19,7 +19,7 @@ import numpy as np
 from qwen3next_trt.errors import InputError
 
 from . import trt as trt_adapter
-from .metadata import metadata_path, profile_of, read_engine_meta
+from .metadata import metadata_path, plugin_library_path, profile_of, read_engine_meta
 
 
 def _torch_dtype(trt, dt):
@@ -51,10 +51,14 @@ class Engine:
         trt = self.T.trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        if not self.meta.get("plugin_library", {}).get("embedded"):
+        try:
+            current = plugin_build.cpp_library_path(build=False)
+        except (plugin_build.PluginBuildError, plugin_build.PluginHeadersError):
+            current = None
+        library = plugin_library_path(self.meta, metadata_path(self.path), current)
+        if library is not None:
             # a plain plan names its plugins only: their creators must be registered before deserialising
-            trt_adapter.load_plugin_library(self.T, self.runtime.get_plugin_registry(), plugin_build.cpp_library_path(),
-                                            plugin_build.CPP_PLUGINS)
+            trt_adapter.load_plugin_library(self.T, self.runtime.get_plugin_registry(), library, plugin_build.CPP_PLUGINS)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             cc = "sm_%d%d" % torch.cuda.get_device_capability()

@@ -188,6 +188,35 @@ def test_launcher_refuses_a_repository_whose_plugin_library_is_gone(tiny_export,
     assert plugin_libraries([write_repository(tiny_export, tmp_path / "plain")]) == []  # no plan models: nothing to load
 
 
+def test_deploy_refuses_engines_whose_plugin_library_is_missing_or_another(tiny_export, tmp_path):
+    """A plan names its plugins only: the library it was built with (by sha256) must be the one loaded."""
+    import hashlib
+
+    library = tmp_path / "lib.so"
+    library.write_bytes(b"one build")
+    engines = fake_engines(tiny_export, tmp_path / "e", library)
+
+    def record(sha=None, embedded=False):
+        for path in engines.glob("*.engine.json"):
+            meta = json.loads(path.read_text())
+            meta["plugin_library"].update(sha256=sha, embedded=embedded)
+            path.write_text(json.dumps(meta))
+
+    record(hashlib.sha256(b"another build").hexdigest())
+    with pytest.raises(InputError, match=r"the plugin library it was built with \(.*lib\.so, sha256 .*\) is not there: .*lib\.so has sha256"):
+        write_repository(tiny_export, tmp_path / "repo", engines_dir=engines)
+    assert not (tmp_path / "repo").exists()
+    record(hashlib.sha256(b"one build").hexdigest())
+    repo = write_repository(tiny_export, tmp_path / "repo", engines_dir=engines)
+    assert json.loads((repo / MARKER).read_text())["plugin_library"] == str(library)
+    library.unlink()
+    # (this host's own build of the library, if any, has another hash: not a stand-in either)
+    with pytest.raises(InputError, match=r"lib\.so, sha256 .*\) is (missing: rebuild the engines|not there: .* has sha256)"):
+        write_repository(tiny_export, tmp_path / "repo2", engines_dir=engines)
+    record(embedded=True)  # the plans carry it: nothing to load
+    assert json.loads((write_repository(tiny_export, tmp_path / "repo3", engines_dir=engines) / MARKER).read_text())["plugin_library"] is None
+
+
 # ---------------------------------------------------------------------------------------------
 # A real Triton server
 
