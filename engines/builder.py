@@ -414,6 +414,14 @@ class EngineBuilder:
         where = "CPU, ahead of time" if self.T.ahead_of_time else "GPU"
         self.progress(f"[build] {len(self.units)} engines for {len(self.graphs)} graphs (one per weights group) with "
                       f"{self.T.flavour} {self.T.version} on {where} for {targets}; plugins {', '.join(self.plugins)}")
+        precision = self.manifest.precision
+        if precision.weights.fp8:
+            # what an FP8 export becomes (engines/fold.py; NOTES.md "FP8 x FP8 projections")
+            gemms = ("FP8 x FP8 GEMMs (static activation scales; weights with several 128-column blocks split along K)"
+                     if precision.activations.fp8 else
+                     "weight-only FP8: DequantizeLinear -> float GEMM (export with --activations fp8 for FP8 x FP8 GEMMs)")
+            self.progress(f"[build] FP8 export: routed experts go to the MoE plugin as FP8 bytes + 128x128 block scales "
+                          f"(what is not folded, and why: the metadata's rewrites); projections: {gemms}")
         results = []
         # ETA by weight bytes: a layer of the 80B model takes minutes, a norm seconds
         sizes = [self.weights_bytes(u) for u in self.units]
