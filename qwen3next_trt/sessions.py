@@ -42,6 +42,8 @@ CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
 # the test suite run under them shows whether a tolerance holds beyond this CPU's choice of kernels.
 ORT_OPT_LEVEL_ENV = "QWEN3NEXT_TRT_ORT_OPT_LEVEL"  # 0 / 1 / 2 / 99: ORT's graph optimisation levels (fusions)
 ORT_THREADS_ENV = "QWEN3NEXT_TRT_ORT_THREADS"  # intra-op threads when the caller does not choose
+# SessionOptions.use_deterministic_compute when the caller does not choose: "1" on, "0" off
+ORT_DETERMINISTIC_ENV = "QWEN3NEXT_TRT_ORT_DETERMINISTIC"
 
 
 def host_dtype(dtype: str):
@@ -49,12 +51,25 @@ def host_dtype(dtype: str):
     return HOST_DTYPES.get(dtype, np.float32)
 
 
-def session_options(threads: int | None = None):
-    """The SessionOptions of every CPU session the project opens (runtime and validate alike)."""
+def deterministic_default(device: str) -> bool:
+    """use_deterministic_compute for a session on `device` when the caller does not choose:
+    the ORT_DETERMINISTIC_ENV knob if set, else off."""
+    value = os.environ.get(ORT_DETERMINISTIC_ENV)
+    if value is not None:
+        if value not in ("0", "1"):
+            raise InputError(f"{ORT_DETERMINISTIC_ENV}={value}: expected 0 or 1")
+        return value == "1"
+    return False
+
+
+def session_options(threads: int | None = None, deterministic: bool | None = None, device: str = "cpu"):
+    """The SessionOptions of every session the project opens (runtime and validate alike).
+    deterministic: SessionOptions.use_deterministic_compute (None: `deterministic_default(device)`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.use_deterministic_compute = deterministic_default(device) if deterministic is None else bool(deterministic)
     threads = threads or int(os.environ.get(ORT_THREADS_ENV, "0"))
     if threads:
         opts.intra_op_num_threads = threads
@@ -75,13 +90,17 @@ class OrtSession:
 
     tf32: let the CUDA provider's float32 MatMul / Gemm use TF32 tensor cores (10 mantissa bits instead
     of 23); off by default, so a float32 graph is compared in float32.
+    deterministic: SessionOptions.use_deterministic_compute (None: QWEN3NEXT_TRT_ORT_DETERMINISTIC, else off).
+    Off by default: on the H200 it did not make ONNX Runtime 1.31.1's CUDA com.microsoft::MoE repeatable (its
+    16-bit outputs differ run to run by 1-2 units in the last place; every other node was bitwise repeatable
+    either way; NOTES.md, "ONNX Runtime CUDA, 16-bit repeatability").
     cuda_graph: the CUDA provider captures the graph's kernels once and replays them (`enable_cuda_graph`).
     Such a session runs only through `run_bound` with every input and output bound to device buffers
     whose addresses never change (the replay reads and writes the captured addresses); `run` refuses it.
     runtime/device.py drives it."""
 
     def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu", tf32: bool = False,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, deterministic: bool | None = None):
         if device == "cuda":
             try:
                 import torch  # noqa: F401  (loads the CUDA 13 libraries the CUDA provider links: PLATFORM.md)
@@ -93,7 +112,8 @@ class OrtSession:
         self.path, self.threads, self.tf32, self.cuda_graph = Path(path), threads, tf32, cuda_graph
         if cuda_graph and device != "cuda":
             raise InputError(f"{path}: cuda_graph needs device 'cuda', got {device!r}")
-        opts = session_options(threads)
+        opts = session_options(threads, deterministic, device)
+        self.deterministic = opts.use_deterministic_compute
         opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         if device == "cuda":
             if CUDA_EP not in ort.get_available_providers():
@@ -148,7 +168,7 @@ class OrtSession:
 
     def sibling(self, cuda_graph: bool) -> "OrtSession":
         """Another session over the same graph file and options, with or without CUDA-graph capture."""
-        return OrtSession(self.path, self.threads, self.device, self.tf32, cuda_graph)
+        return OrtSession(self.path, self.threads, self.device, self.tf32, cuda_graph, self.deterministic)
 
     def graph_sibling(self) -> "OrtSession":
         """The CUDA-graph session over this graph, opened once and kept (its weights are loaded once)."""

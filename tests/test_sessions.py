@@ -40,3 +40,29 @@ def test_placement_names_every_node(tmp_path):
     placement = OrtSession(path).placement()
     assert sorted(n for nodes in placement.values() for n in nodes) == ["Neg neg", "Relu relu"]
     assert set(placement) == {"CPUExecutionProvider"}
+
+
+def test_deterministic_compute_is_chosen_or_taken_from_the_environment(tmp_path, monkeypatch):
+    # SessionOptions.use_deterministic_compute: off unless asked (measured on the H200: it does not make ONNX
+    # Runtime 1.31.1's CUDA MoE repeatable, NOTES.md), by argument or QWEN3NEXT_TRT_ORT_DETERMINISTIC; kept by siblings
+    import pytest
+
+    from qwen3next_trt.errors import InputError
+    from qwen3next_trt.sessions import ORT_DETERMINISTIC_ENV, session_options
+
+    path = _graph(tmp_path / "g.onnx", [helper.make_node("Relu", ["x"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    monkeypatch.delenv(ORT_DETERMINISTIC_ENV, raising=False)
+    assert not session_options().use_deterministic_compute and not session_options(device="cuda").use_deterministic_compute
+    assert OrtSession(path).deterministic is False
+    on = OrtSession(path, deterministic=True)
+    assert on.deterministic is True and on.session.get_session_options().use_deterministic_compute
+    assert on.sibling(cuda_graph=False).deterministic is True
+    x = np.arange(-2, 2, dtype=np.float32)
+    assert np.array_equal(on.run(None, {"x": x})[0], np.maximum(x, 0))
+    monkeypatch.setenv(ORT_DETERMINISTIC_ENV, "1")
+    assert OrtSession(path).deterministic is True
+    assert OrtSession(path, deterministic=False).deterministic is False  # the argument wins over the environment
+    monkeypatch.setenv(ORT_DETERMINISTIC_ENV, "yes")
+    with pytest.raises(InputError, match=ORT_DETERMINISTIC_ENV):
+        OrtSession(path)
