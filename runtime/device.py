@@ -236,7 +236,8 @@ def device_resident(model) -> bool:
     runs through DeviceDecoder (the states stay on the GPU)."""
     from qwen3next_trt.sessions import OrtSession
 
-    return all(isinstance(s, OrtSession) and s.device == "cuda" for s in model.sessions.values())
+    sessions = getattr(model, "sessions", None)  # a model that opens no sessions of its own: the host path
+    return bool(sessions) and all(isinstance(s, OrtSession) and s.device == "cuda" for s in sessions.values())
 
 
 def check_ports(model) -> None:
