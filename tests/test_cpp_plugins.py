@@ -357,8 +357,10 @@ def _dt(dtype) -> int:
     return DT[{torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16", torch.float8_e4m3fn: "FP8"}[dtype]]
 
 
-def _enqueue(harness, tmp_path, op: str, fields: dict, inputs: list, outputs: list[tuple], out_dtype=None) -> list:
-    """Run one plugin on the GPU. inputs: tensors, or (file, torch dtype, shape) for big ones written once."""
+def _enqueue(harness, tmp_path, op: str, fields: dict, inputs: list, outputs: list[tuple], out_dtype=None,
+             out_dtypes: list | None = None) -> list:
+    """Run one plugin on the GPU. inputs: tensors, or (file, torch dtype, shape) for big ones written once;
+    outputs: shapes, all of `out_dtype` (float32) unless `out_dtypes` gives one per output."""
     import numpy as np
     import torch
 
@@ -366,7 +368,7 @@ def _enqueue(harness, tmp_path, op: str, fields: dict, inputs: list, outputs: li
     args = " ".join(f"{f.name}={kinds[f.kind]}:{fields[f.name]}" for f in SPECS[op].fields if f.name in fields)
     created = harness(f"create {op} node_{op} runtime {args}")
     assert created["ok"], created
-    out_dtype = out_dtype or torch.float32
+    out_dtypes = out_dtypes or [out_dtype or torch.float32] * len(outputs)
     lines, paths = [], []
     for i, a in enumerate(inputs):
         if isinstance(a, tuple):
@@ -375,13 +377,13 @@ def _enqueue(harness, tmp_path, op: str, fields: dict, inputs: list, outputs: li
             path, dtype, shape = tmp_path / f"in{i}.bin", a.dtype, a.shape
             a.contiguous().view(torch.uint8).numpy().tofile(path)
         lines.append(f"in {_dt(dtype)} {'x'.join(map(str, shape))} {path}")
-    for j, shape in enumerate(outputs):
+    for j, (shape, dtype) in enumerate(zip(outputs, out_dtypes)):
         paths.append(tmp_path / f"out{j}.bin")
-        lines.append(f"out {_dt(out_dtype)} {'x'.join(map(str, shape))} {paths[-1]}")
+        lines.append(f"out {_dt(dtype)} {'x'.join(map(str, shape))} {paths[-1]}")
     (tmp_path / "spec.txt").write_text("\n".join(lines) + "\n")
     ran = harness(f"enqueue {tmp_path / 'spec.txt'}")
     assert ran.get("rc") == 0 and ran.get("cuda") == "no error", ran
-    return [torch.from_numpy(np.fromfile(p, np.uint8)).view(out_dtype).reshape(shape) for p, shape in zip(paths, outputs)]
+    return [torch.from_numpy(np.fromfile(p, np.uint8)).view(dt).reshape(shape).float() for p, shape, dt in zip(paths, outputs, out_dtypes)]
 
 
 def _close(got, want, what: str, tol: float = 1e-4):
@@ -389,26 +391,35 @@ def _close(got, want, what: str, tol: float = 1e-4):
     assert got.isfinite().all() and err <= tol * max(1.0, want.abs().max().item()), f"{what}: max abs error {err:.3e}"
 
 
+# 16-bit runs: inputs rounded to the dtype, the reference in float32 over those rounded values; the
+# tolerance covers the output's rounding (relative to max |ref|)
+TOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}
+DTYPES = list(TOL)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 70])
-def test_enqueue_causal_conv_on_the_gpu(harness, tmp_path, T):
+def test_enqueue_causal_conv_on_the_gpu(harness, tmp_path, T, dtype):
     import torch
 
     from qwen3next_trt.model.modeling_qwen3_next import causal_conv1d_with_state
 
+    dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(T)
     B, C, K = 2, 96, 4
-    x, w, bias, past = (torch.randn(s, generator=g) for s in ((B, C, T), (C, 1, K), (C,), (B, C, K - 1)))
+    x, w, bias, past = (torch.randn(s, generator=g).to(dt) for s in ((B, C, T), (C, 1, K), (C,), (B, C, K - 1)))
     y, state = _enqueue(harness, tmp_path, "CausalConvWithState", {"activation": "silu", "ndim": 1}, [x, w, bias, past],
-                        [(B, C, T), (B, C, K - 1)])
-    y_ref, state_ref = causal_conv1d_with_state(x, w, past, bias)
-    _close(y, y_ref, "output")
-    _close(state, state_ref, "present state")
+                        [(B, C, T), (B, C, K - 1)], out_dtype=dt)
+    y_ref, state_ref = causal_conv1d_with_state(x.float(), w.float(), past.float(), bias.float())
+    _close(y, y_ref, f"output {dtype}", TOL[dtype])
+    _close(state, state_ref, f"present state {dtype}", TOL[dtype])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 70])
-def test_enqueue_linear_attention_on_the_gpu(harness, tmp_path, T):
+def test_enqueue_linear_attention_on_the_gpu(harness, tmp_path, T, dtype):
     import torch
 
     from qwen3next_trt.model.modeling_qwen3_next import linear_attention
@@ -422,31 +433,38 @@ def test_enqueue_linear_attention_on_the_gpu(harness, tmp_path, T):
     decay = -torch.rand(B, T, Hv, generator=g) ** 2 * 3  # log space
     beta = torch.rand(B, T, Hv, generator=g)
     scale = Dk**-0.5
+    dt = getattr(torch, dtype)  # the recurrent state stays float32 in every dtype
+    q, k, v, decay, beta = (t.to(dt) for t in (q, k, v, decay, beta))
     out, state = _enqueue(harness, tmp_path, "LinearAttention",
                           {"q_num_heads": Hk, "kv_num_heads": Hv, "update_rule": "gated_delta", "scale": scale},
-                          [q, k, v, past, decay, beta], [(B, T, Hv * Dv), (B, Hv, Dk, Dv)])
-    out_ref, state_ref = linear_attention(q, k, v, past, decay, beta, Hk, Hv, scale)
-    _close(out, out_ref, "output")
-    _close(state, state_ref, "present state")
+                          [q, k, v, past, decay, beta], [(B, T, Hv * Dv), (B, Hv, Dk, Dv)], out_dtypes=[dt, torch.float32])
+    out_ref, state_ref = linear_attention(q.float(), k.float(), v.float(), past, decay.float(), beta.float(), Hk, Hv, scale)
+    _close(out, out_ref, f"output {dtype}", TOL[dtype])
+    _close(state, state_ref, f"present state {dtype}", TOL[dtype])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("normalize", [1, 0])
-def test_enqueue_moe_on_the_gpu(harness, tmp_path, normalize):
+def test_enqueue_moe_on_the_gpu(harness, tmp_path, normalize, dtype):
     import torch
 
     from qwen3next_trt.model.modeling_qwen3_next import moe_dispatch, route_tokens
 
+    dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(7 + normalize)
     N, H, I, E, k = 9, 64, 32, 8, 2
-    x, logits = torch.randn(N, H, generator=g), torch.randn(N, E, generator=g)
-    fc1, fc2 = 0.2 * torch.randn(E, 2 * I, H, generator=g), 0.2 * torch.randn(E, H, I, generator=g)
+    x = torch.randn(N, H, generator=g).to(dt)
+    # distinct logits exactly representable in every dtype (j / 8): no routing ties from the rounding
+    logits = torch.stack([torch.randperm(E, generator=g) for _ in range(N)]).div(8).to(dt)
+    fc1, fc2 = (0.2 * torch.randn(E, 2 * I, H, generator=g)).to(dt), (0.2 * torch.randn(E, H, I, generator=g)).to(dt)
     fields = {"k": k, "activation_type": "swiglu", "swiglu_fusion": 1, "normalize_routing_weights": normalize,
               "use_sparse_mixer": 0, "activation_alpha": 1.0, "activation_beta": 0.0}
-    (out,) = _enqueue(harness, tmp_path, "MoE", fields, [x, logits, fc1, torch.zeros(E, 2 * I), fc2, torch.zeros(E, H)], [(N, H)])
-    weights, selected = route_tokens(logits, k, bool(normalize))
-    ref = moe_dispatch(x, weights, selected, fc1[:, 0::2], fc1[:, 1::2], fc2)  # rows interleaved gate, up
-    _close(out, ref, "output")
+    (out,) = _enqueue(harness, tmp_path, "MoE", fields, [x, logits, fc1, torch.zeros(E, 2 * I, dtype=dt), fc2, torch.zeros(E, H, dtype=dt)],
+                      [(N, H)], out_dtype=dt)
+    weights, selected = route_tokens(logits.float(), k, bool(normalize))
+    ref = moe_dispatch(x.float(), weights, selected, fc1.float()[:, 0::2], fc1.float()[:, 1::2], fc2.float())  # rows interleaved gate, up
+    _close(out, ref, f"output {dtype}", TOL[dtype])
 
 
 # The FP8 form at the 80B sizes (512 experts top-10, hidden 2048, expert width 512): the checkpoint's
@@ -489,7 +507,7 @@ def experts_80b(tmp_path_factory):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N", [1, 8, 64, 1024])
 def test_enqueue_moe_fp8_experts_at_80b_sizes(harness, experts_80b, tmp_path, N, dtype):
     import torch
@@ -510,4 +528,4 @@ def test_enqueue_moe_fp8_experts_at_80b_sizes(harness, experts_80b, tmp_path, N,
     selected = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :K80]
     weights = probs.gather(1, selected)
     ref = moe_dispatch(x.float(), weights / weights.sum(-1, keepdim=True), selected, gate, up, down)
-    _close(out.float(), ref, f"MoE FP8 N={N} {dtype}", tol={"float32": 1e-4, "float16": 2e-3, "bfloat16": 1e-2}[dtype])
+    _close(out, ref, f"MoE FP8 N={N} {dtype}", TOL[dtype])
