@@ -10,11 +10,7 @@
 #   bash bench/device/ort_device.sh paths     carry out/dev17/bf16 + out/dev17/fp16: device-resident decode vs the
 #                                              host path on the same sessions (bench/device/ort_paths.py)
 set -u
-bash bench/device/ort_cuda.sh >/dev/null 2>&1  # unpacks onnxruntime-gpu if the parts are all there
-[ -d /tmp/ortsite/onnxruntime ] || { echo "onnxruntime-gpu not unpacked: send the four part calls first"; exit 3; }
-source bench/device/env.sh
-ls .whl/polygraphy-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/polygraphy-*.whl
-export PYTHONPATH=/tmp/ortsite:/tmp/site:$PYTHONPATH
+source bench/device/ort_env.sh
 python3 -c "import torch, onnxruntime as o, onnx, onnxscript; print('onnxruntime', o.__version__, o.get_available_providers(), '| onnx', onnx.__version__, 'onnxscript', onnxscript.__version__)" 2>&1 | tee -a $OUT/device.txt
 case "${1:-}" in
 runtime)

@@ -10,11 +10,7 @@
 # 2. validate --backend onnxrt-cuda on each export, with QWEN3NEXT_TRT_ORT_DETERMINISTIC=1 where that setting
 #    alone was repeatable, then (time allowing) with the other setting.
 set -u
-bash bench/device/ort_cuda.sh >/dev/null 2>&1  # unpacks onnxruntime-gpu if the parts are all there
-[ -d /tmp/ortsite/onnxruntime ] || { echo "onnxruntime-gpu not unpacked: send the four part calls first"; exit 3; }
-source bench/device/env.sh
-ls .whl/polygraphy-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/polygraphy-*.whl
-export PYTHONPATH=/tmp/ortsite:/tmp/site:$PYTHONPATH
+source bench/device/ort_env.sh
 python3 -c "import torch, onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a $OUT/device.txt
 DIRS=${REPEAT_DIRS:-out/dev17/fp16 out/dev17/bf16}
 echo "== ort_repeat.py $DIRS"
