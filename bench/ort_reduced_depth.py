@@ -67,11 +67,15 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--preset", default="qwen3-next-80b-a3b")
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--precision", choices=("none", "fp8"), default="none",
+                    help="fp8: FP8 block-scaled weights (export --precision fp8); on the CUDA provider the projections run as "
+                         "MatMulBlockQuantizedFp8Weight and the experts are dequantised to --dtype at load (engines/fold.py)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--skip-export", action="store_true", help="reuse OUT/onnx from an earlier run")
+    ap.add_argument("--export-only", action="store_true", help="export and stop (a long export in a call of its own)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +90,7 @@ def main():
     import onnxruntime as ort
 
     result["onnxruntime"] = ort.__version__
+    result["precision"] = args.precision
     if torch.cuda.is_available():
         result["device"] = torch.cuda.get_device_name()
     onnx_dir = out / "onnx"
@@ -94,11 +99,13 @@ def main():
 
         name = reduced_preset(args.layers, out, args.preset)
         t = time.time()
-        Exporter(name, onnx_dir, dtype=args.dtype, progress=lambda m: print(m, flush=True)).run()
+        Exporter(name, onnx_dir, dtype=args.dtype, precision=args.precision, progress=lambda m: print(m, flush=True)).run()
         result["export_s"] = round(time.time() - t, 1)
         result["export_bytes"] = sum(f.stat().st_size for f in onnx_dir.iterdir() if f.is_file())
         print(f"export: {result['export_s']} s, {result['export_bytes'] / 2**30:.1f} GiB", flush=True)
         save()
+        if args.export_only:
+            return
 
     from qwen3next_trt.runtime import Generator
     from qwen3next_trt.runtime.device import DeviceDecoder
@@ -108,6 +115,19 @@ def main():
     gen = Generator(onnx_dir, device=args.device, step_times=True, device_resident=True if args.device == "cpu" else None)
     load_s = time.time() - t
     m = gen.model
+    if args.device == "cuda":  # what the FP8 graphs became on the CUDA provider, and the GPU memory they hold
+        import torch
+
+        result["gpu_memory_used_gib"] = round((torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / 2**30, 2)
+        rewrites = {}
+        for s in getattr(m, "sessions", {}).values():
+            for k, v in (getattr(s, "rewrites", None) or {}).items():
+                rewrites.setdefault(k, []).extend(v)
+        result["ort_cuda_fp8"] = {"gemms_rewritten": sum(r.get("rewritten", False) for r in rewrites.get("fp8_gemms", [])),
+                                  "gemms": len(rewrites.get("fp8_gemms", [])),
+                                  "dequantised": len(rewrites.get("dequantised", [])),
+                                  "dequantised_gib": round(sum(r["bytes"] for r in rewrites.get("dequantised", [])) / 2**30, 2)}
+        print(f"sessions: {load_s:.1f} s, GPU memory in use {result['gpu_memory_used_gib']} GiB, FP8 rewrites {result['ort_cuda_fp8']}", flush=True)
     for graphs in (True, False):
         gen.cuda_graphs = graphs
         for B in map(int, args.batches.split(",")):

@@ -17,6 +17,8 @@ parser reads the bytes from there (`parser.parse(bytes, path)` resolves them bes
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +247,185 @@ def onnx_for_parser(onnx_path: Path) -> tuple[bytes, dict]:
     moe = fold_fp8_experts(model, onnx_path.parent, onnx_path)
     gemms = split_fp8_gemms(model, onnx_path.parent, onnx_path)
     return model.SerializeToString(), {"moe_fp8": moe, "fp8_gemms_split_k": gemms}
+
+
+# -- ONNX Runtime's CUDA provider ------------------------------------------------------------------------
+# Its CUDA kernels have no blocked FP8 DequantizeLinear (per tensor / per axis only; PLATFORM.md), so an
+# FP8 export's projections would be placed on the CPU. It has com.microsoft::MatMulBlockQuantizedFp8Weight
+# (CUDA only): Y = A @ (fp8(B[n, k]) * b_scale[n, k / block])^T (+ bias), A float16 / bfloat16, B the FP8
+# bytes [N, K] as the export stores them, b_scale float32 [N, ceil(K / block)] (the export's per-row
+# scales, widened exactly from 16 bits), and an optional float32 scalar a_scale that quantises A to FP8
+# and back inside the node (the same numerics as a static per-tensor QuantizeLinear -> DequantizeLinear).
+ORT_FP8_GEMM = "MatMulBlockQuantizedFp8Weight"
+ORT_FP8_ACTIVATIONS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def _static_activation_scale(G: _Graph, gemm):
+    """(float input, float32 scalar a_scale) when the GEMM's activation is a static per-tensor FP8
+    QuantizeLinear -> DequantizeLinear of one scale and zero point 0, else None."""
+    dq = _only(G, gemm.input[0], "DequantizeLinear")
+    q = _only(G, dq.input[0], "QuantizeLinear") if dq is not None else None
+    if q is None or len(q.input) < 2 or len(dq.input) < 2:
+        return None
+    scales = [G.init.get(q.input[1]), G.init.get(dq.input[1])]
+    if any(s is None or int(np.prod(s.dims)) != 1 for s in scales):
+        return None
+    qs, ds = (float(G.array(s.name).astype(np.float32).reshape(())) for s in scales)
+    for node in (q, dq):
+        zp = G.init.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and (zp is None or np.any(G.array(zp.name).view(np.uint8) != 0)):
+            return None
+    if qs != ds:
+        return None
+    return q.input[0], np.array(qs, np.float32)
+
+
+def fp8_gemms_for_ort_cuda(model: onnx.ModelProto, base_dir: Path, path: Path) -> list[dict]:
+    """Rewrite in place every 16-bit GEMM whose weight is DequantizeLinear(float8 [N, K], scales blocked
+    along K) read as W^T into one MatMulBlockQuantizedFp8Weight node over the same FP8 bytes; a static
+    per-tensor activation Q/DQ in front of it becomes the node's a_scale. Returns one record per FP8 GEMM
+    (rewritten, or why not)."""
+    G = _Graph(model, base_dir, path)
+    records, nodes, widened = [], list(G.g.node), {}
+    for gemm in [n for n in nodes if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]:
+        found = _fp8_weight(G, gemm)
+        if found is None:
+            continue
+        chain, w, s, block = found
+        tag = gemm.name or gemm.output[0]
+        if s.data_type not in ORT_FP8_ACTIVATIONS:
+            records.append({"node": tag, "rewritten": False,
+                            "why": "float32 activations: MatMulBlockQuantizedFp8Weight takes float16 / bfloat16"})
+            continue
+        if s.data_type != onnx.TensorProto.FLOAT and s.name not in widened:
+            widened[s.name] = f"{s.name}.float32"
+            G.g.initializer.append(numpy_helper.from_array(G.array(s.name).astype(np.float32), widened[s.name]))
+        static = _static_activation_scale(G, gemm)
+        a, a_scale = (gemm.input[0], "") if static is None else (static[0], f"{tag}.a_scale")
+        if static is not None:
+            G.g.initializer.append(numpy_helper.from_array(static[1], a_scale))
+        bias = gemm.input[2] if gemm.op_type == "Gemm" and len(gemm.input) > 2 and gemm.input[2] else None
+        out = gemm.output[0] if bias is None else f"{tag}.fp8_gemm"
+        new = [onnx.helper.make_node(ORT_FP8_GEMM, [a, w.name, widened.get(s.name, s.name), a_scale], [out],
+                                     domain=MOE_DOMAIN, block_size=int(block), name=f"{tag}.fp8_gemm")]
+        if bias is not None:  # Gemm's C broadcasts over [M, N] as Add does
+            new.append(onnx.helper.make_node("Add", [out, bias], [gemm.output[0]], name=f"{tag}.bias"))
+        i = next(i for i, n in enumerate(nodes) if n is gemm)
+        nodes[i : i + 1] = new
+        records.append({"node": tag, "rewritten": True, "weight": w.name, "shape": list(w.dims), "block_size": int(block),
+                        "a_scale": None if static is None else float(static[1])})
+    if not any(r["rewritten"] for r in records):
+        return records
+    read = lambda name: any(name in n.input for n in nodes)  # noqa: E731
+    for _ in range(3):  # Transpose, then DequantizeLinear, then an activation Q/DQ pair nobody else reads
+        nodes = [n for n in nodes if n.op_type not in ("Transpose", "DequantizeLinear", "QuantizeLinear")
+                 or any(read(o) for o in n.output) or any(o in [v.name for v in G.g.output] for o in n.output)]
+    for t in list(G.g.initializer):
+        if not read(t.name) and (t.name in widened or t.data_type == onnx.TensorProto.FLOAT8E4M3FN):
+            G.g.initializer.remove(t)
+    kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+    del G.g.node[:]
+    G.g.node.extend(kept)
+    if not any(o.domain == MOE_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MOE_DOMAIN, 1))
+    return records
+
+
+ORT_CUDA_CACHE = ".ort-cuda"  # inside the export folder: what the CUDA provider reads instead of FP8 constants
+
+
+def _dequantised(G: _Graph, w, s, block: int, to: int):
+    """fp8 initializer `w` x per-row blocked scales `s` (the export's DequantizeLinear along the last
+    axis), as the onnx element type `to`: computed in float32 as DequantizeLinear does, then rounded once."""
+    import torch
+
+    fp8 = torch.from_numpy(np.array(G.array(w.name).view(np.uint8), copy=True)).view(torch.float8_e4m3fn)
+    scale = torch.from_numpy(np.ascontiguousarray(G.array(s.name).astype(np.float32)))
+    dtype = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
+             onnx.TensorProto.BFLOAT16: torch.bfloat16}[to]
+    out = torch.empty(fp8.shape, dtype=dtype)
+    K = fp8.shape[-1]
+    flat_in, flat_s, flat_out = fp8.reshape(-1, K), scale.reshape(-1, scale.shape[-1]), out.view(-1, K)
+    for a in range(0, flat_in.shape[0], 1 << 16):  # rows in slices: an 80B layer's experts are 1.6 G values
+        b = min(a + (1 << 16), flat_in.shape[0])
+        flat_out[a:b] = (flat_in[a:b].float() * flat_s[a:b].repeat_interleave(block, -1)[:, :K]).to(dtype)
+    return out.view(torch.int16 if dtype != torch.float32 else torch.int32).numpy()
+
+
+def materialise_fp8_constants(model: onnx.ModelProto, base_dir: Path, path: Path) -> list[dict]:
+    """Every DequantizeLinear of an FP8 constant still in the graph (the experts in front of the MoE node,
+    float32 exports' projections), with the Cast behind it, replaced by its result: computed here once and
+    kept as external data in `<export>/.ort-cuda/`, shared by the graphs of a layer. The CUDA provider has
+    no blocked FP8 DequantizeLinear and no FP8 MoE, so those weights take 2 (16-bit) or 4 (float32) bytes
+    each in GPU memory. (ONNX Runtime's own constant folding, with session.disable_quant_qdq=1, did not at 80B sizes on the
+    H200: the DequantizeLinear reached the CUDA kernel and failed; a dequantised 80B expert tensor is over
+    protobuf's 2 GiB, the likely reason. NOTES.md.)"""
+    import hashlib
+
+    G = _Graph(model, base_dir, path)
+    records = []
+    for dq in [n for n in G.g.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")]:
+        w, s = (G.init.get(dq.input[i]) if len(dq.input) > i else None for i in (0, 1))
+        if w is None or s is None or w.data_type != onnx.TensorProto.FLOAT8E4M3FN:
+            continue
+        block, axis = _attr(dq, "block_size", 0), _attr(dq, "axis", 1)
+        if not block or axis not in (-1, len(w.dims) - 1) or list(s.dims) != [*w.dims[:-1], -(-w.dims[-1] // block)]:
+            raise InputError(f"{path}: node {dq.name!r}: FP8 constant {w.name!r} {list(w.dims)} with scales {list(s.dims)} "
+                             f"(axis {axis}, block_size {block}): expected blocks along the last axis, as `export --precision fp8` writes")
+        last, to = dq, s.data_type
+        users = G.consumers(dq.output[0])
+        if len(users) == 1 and users[0].op_type == "Cast" and users[0].domain in ("", "ai.onnx"):
+            last, to = users[0], _attr(users[0], "to")
+        where = {e.key: e.value for e in w.external_data}
+        source = base_dir / where.get("location", path.name)
+        st = source.stat() if source.is_file() else None
+        # a new export (another weights file) gets other files: the key holds where the bytes come from
+        stamp = hashlib.sha256(repr((w.name, sorted(where.items()), s.name, to, block, st and (st.st_size, st.st_mtime_ns))
+                                    ).encode()).hexdigest()[:16]
+        name = f"{w.name}.{onnx.TensorProto.DataType.Name(to).lower()}"
+        rel = f"{ORT_CUDA_CACHE}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.{stamp}.bin"
+        target = base_dir / rel
+        itemsize = {onnx.TensorProto.FLOAT: 4}.get(to, 2)
+        size = int(np.prod(w.dims)) * itemsize
+        if not (target.is_file() and target.stat().st_size == size):
+            data = _dequantised(G, w, s, block, to)
+            try:
+                target.parent.mkdir(exist_ok=True)
+                tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+                data.tofile(tmp)
+                os.replace(tmp, target)
+            except OSError as e:
+                raise InputError(f"{target}: cannot write the dequantised {w.name!r} for ONNX Runtime's CUDA provider ({e}); "
+                                 f"the export folder {base_dir} must be writable") from None
+        t = onnx.TensorProto(name=name, data_type=to, dims=list(w.dims), data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", rel), ("offset", "0"), ("length", str(size))):
+            t.external_data.add(key=k, value=v)
+        G.g.initializer.append(t)
+        for n in G.g.node:
+            for i, x in enumerate(n.input):
+                if x == last.output[0]:
+                    n.input[i] = name
+        for node in (last, dq) if last is not dq else (dq,):
+            G.g.node.remove(node)
+        for t0 in (w, s):
+            if not G.consumers(t0.name):
+                G.g.initializer.remove(t0)
+        records.append({"node": dq.name, "weight": w.name, "shape": list(w.dims), "as": onnx.TensorProto.DataType.Name(to),
+                        "file": rel, "bytes": size})
+    return records
+
+
+def onnx_for_ort_cuda(onnx_path: Path) -> tuple[bytes | None, dict]:
+    """The model bytes ONNX Runtime's CUDA provider should load (None: the file as it is, nothing to
+    rewrite) and what was rewritten. External weights stay in the export's files: the session loads the
+    bytes with `session.model_external_initializers_file_folder_path` set to the export's folder."""
+    onnx_path = Path(onnx_path)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, DecodeError) as e:
+        raise InputError(f"{onnx_path}: cannot read the ONNX graph ({e})") from None
+    if not any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer):
+        return None, {}
+    gemms = fp8_gemms_for_ort_cuda(model, onnx_path.parent, onnx_path)
+    constants = materialise_fp8_constants(model, onnx_path.parent, onnx_path)
+    return model.SerializeToString(), {"fp8_gemms": gemms, "dequantised": constants}

@@ -127,8 +127,17 @@ class OrtSession:
             providers = [CPU_EP]
         else:
             raise InputError(f"device {device!r}: expected cpu or cuda")
+        model = str(path)
+        self.rewrites = {}
+        if device == "cuda":  # FP8 projections into the CUDA provider's own FP8 GEMM (engines/fold.py)
+            from qwen3next_trt.engines.fold import onnx_for_ort_cuda
+
+            rewritten, self.rewrites = onnx_for_ort_cuda(Path(path))
+            if rewritten is not None:
+                model = rewritten
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            self.session = ort.InferenceSession(model, opts, providers=providers)
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph, ort.capi.onnxruntime_pybind11_state.NoSuchFile) as e:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__

@@ -211,3 +211,190 @@ def test_static_fp8_activation_engines_build_with_fp8_gemms(wide_static, tmp_pat
         assert split and all(r["k_blocks"] == 2 for r in split)
         (moe,) = [lay for lay in meta["layers"] if lay.get("plugin") == "MoE"]
         assert [t["dtype"] for t in moe["inputs"]][2:5:2] == ["FP8", "FP8"]
+
+
+# -- ONNX Runtime's CUDA provider: FP8 projections as com.microsoft::MatMulBlockQuantizedFp8Weight --------
+# The op runs on CUDA only. Here its documented semantics (Y = A @ (fp8(B) * b_scale[n, k / block])^T + bias,
+# A quantised to FP8 and back with a_scale when given) are spelled in standard ops, and ONNX Runtime's CPU
+# provider runs both that and the export as written: the oracle for how the rewrite wires the FP8 bytes,
+# scales, activation scale and bias. The GPU run is validate --backend onnxrt-cuda (NOTES.md).
+
+def _expand_ort_fp8_gemms(model: onnx.ModelProto) -> onnx.ModelProto:
+    from qwen3next_trt.engines.fold import ORT_FP8_GEMM
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    init = {t.name: t for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type != ORT_FP8_GEMM:
+            out.append(n)
+            continue
+        a, b, s = n.input[:3]
+        a_scale = n.input[3] if len(n.input) > 3 else ""
+        bias = n.input[4] if len(n.input) > 4 else ""
+        assert not bias, "the rewrite adds Gemm's bias after the node"
+        block = next(x.i for x in n.attribute if x.name == "block_size")
+        assert init[s].data_type == TensorProto.FLOAT and init[b].data_type == TensorProto.FLOAT8E4M3FN
+        t = n.name
+        dtype = TensorProto.FLOAT16  # the tests' exports are float16
+        if a_scale:
+            zp = helper.make_tensor(f"{t}.zp", TensorProto.FLOAT8E4M3FN, [], [0.0])
+            model.graph.initializer.append(zp)
+            out += [helper.make_node("Cast", [a], [f"{t}.a32"], to=TensorProto.FLOAT),
+                    helper.make_node("QuantizeLinear", [f"{t}.a32", a_scale, f"{t}.zp"], [f"{t}.aq"]),
+                    helper.make_node("DequantizeLinear", [f"{t}.aq", a_scale, f"{t}.zp"], [f"{t}.ad"]),
+                    helper.make_node("Cast", [f"{t}.ad"], [f"{t}.a"], to=dtype)]
+            a = f"{t}.a"
+        out += [helper.make_node("DequantizeLinear", [b, s], [f"{t}.w32"], axis=1, block_size=block),
+                helper.make_node("Cast", [f"{t}.w32"], [f"{t}.w"], to=dtype),
+                helper.make_node("Transpose", [f"{t}.w"], [f"{t}.wt"], perm=[1, 0]),
+                helper.make_node("MatMul", [a, f"{t}.wt"], list(n.output))]
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+    return model
+
+
+def _cpu_session(model, folder=None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if folder is not None:  # as OrtSession loads rewritten bytes: external data beside the export's graphs
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    return ort.InferenceSession(model if isinstance(model, bytes) else model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def _feeds(model: onnx.ModelProto, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for i in model.graph.input:
+        dims = [2 if d.dim_param else d.dim_value for d in i.type.tensor_type.shape.dim]
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+        if np.issubdtype(np_type, np.integer):
+            feeds[i.name] = np.zeros(dims, np_type)
+        elif np_type == np.bool_:
+            feeds[i.name] = np.ones(dims, np.bool_)
+        else:
+            feeds[i.name] = (0.5 * torch.randn(*dims, generator=g)).numpy().astype(np_type)
+    return feeds
+
+
+def test_ort_cuda_rewrite_keeps_the_fp8_bytes_and_computes_the_export(official):
+    """Every FP8 projection of a float16 export becomes MatMulBlockQuantizedFp8Weight over the very FP8
+    initializer the export holds (external data untouched), its scales widened exactly; the experts stay
+    DequantizeLinear'd, and ONNX Runtime folds them at load under the session's settings."""
+    from qwen3next_trt.engines.fold import ORT_FP8_GEMM, onnx_for_ort_cuda
+
+    export = official[1]["fp16"]
+    for name in ("layer_00.decode.onnx", "layer_00.prefill.onnx"):
+        path = export / name
+        raw, records = onnx_for_ort_cuda(path)
+        rewritten = onnx.ModelProto.FromString(raw)
+        original = onnx.load(str(path), load_external_data=False)
+        gemms = records["fp8_gemms"]
+        assert gemms and all(r["rewritten"] for r in gemms), gemms
+        f8 = {t.name: t for t in original.graph.initializer if t.data_type == TensorProto.FLOAT8E4M3FN}
+        new_init = {t.name: t for t in rewritten.graph.initializer}
+        nodes = [n for n in rewritten.graph.node if n.op_type == ORT_FP8_GEMM]
+        assert len(nodes) == len(gemms)
+        for n in nodes:  # the same FP8 initializer, still pointing into the export's weights file
+            assert n.input[1] in f8 and new_init[n.input[1]].external_data == f8[n.input[1]].external_data
+            dq = next(d for d in original.graph.node if d.op_type == "DequantizeLinear" and d.input[0] == n.input[1])
+            widened = numpy_helper.to_array(new_init[n.input[2]])
+            assert widened.dtype == np.float32
+            assert np.array_equal(widened, numpy_helper.to_array(next(t for t in original.graph.initializer if t.name == dq.input[1]),
+                                                                 base_dir=str(export)).astype(np.float32))
+        assert len(records["dequantised"]) == 2  # the experts (fc1, fc2)
+        assert not [n for n in rewritten.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in f8]
+
+        # the documented semantics, on the CPU, against the export as written
+        feeds = _feeds(original)
+        want = _cpu_session(onnx.load(str(path))).run(None, feeds)
+        got = _cpu_session(_expand_ort_fp8_gemms(rewritten).SerializeToString(), folder=export).run(None, feeds)
+        for w, g_, o in zip(want, got, original.graph.output):
+            scale = max(1.0, float(np.abs(w.astype(np.float32)).max()))
+            assert np.abs(w.astype(np.float32) - g_.astype(np.float32)).max() <= 2e-3 * scale, o.name
+
+
+def test_fp8_experts_are_dequantised_once_into_the_export_folder(official):
+    """What the CUDA provider cannot take in FP8 (the experts) becomes an external-data initializer in
+    <export>/.ort-cuda/, equal to ONNX Runtime's own DequantizeLinear [-> Cast] of the export's nodes,
+    written once and reused by the next graph of the layer."""
+    import onnxruntime as ort
+
+    from qwen3next_trt.engines.fold import ORT_CUDA_CACHE, onnx_for_ort_cuda
+
+    export = official[1]["fp16"]
+    path = export / "layer_00.prefill.onnx"
+    _, records = onnx_for_ort_cuda(path)
+    made = records["dequantised"]
+    assert len(made) == 2 and all(r["as"] == "FLOAT16" and r["file"].startswith(ORT_CUDA_CACHE + "/") for r in made)
+    stamps = {r["file"]: (export / r["file"]).stat().st_mtime_ns for r in made}
+    _, again = onnx_for_ort_cuda(export / "layer_00.decode.onnx")  # the same weights: the same files, not rewritten
+    assert {r["file"] for r in again["dequantised"]} == set(stamps)
+    assert all((export / f).stat().st_mtime_ns == t for f, t in stamps.items())
+
+    original = onnx.load(str(path), load_external_data=False)
+    for r in made:  # the export's own DequantizeLinear -> Cast, run by ONNX Runtime on the CPU
+        dq = next(n for n in original.graph.node if n.name == r["node"])
+        cast = next(n for n in original.graph.node if n.op_type == "Cast" and n.input[0] == dq.output[0])
+        keep = {dq.input[0], dq.input[1]}
+        inits = [t for t in original.graph.initializer if t.name in keep]
+        graph = helper.make_graph([dq, cast], "dq", [], [helper.make_tensor_value_info(cast.output[0], TensorProto.FLOAT16, None)], inits)
+        m = helper.make_model(graph, opset_imports=list(original.opset_import), ir_version=original.ir_version)
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(export))
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        want = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {})[0]
+        got = np.fromfile(export / r["file"], np.float16).reshape(r["shape"])
+        assert np.array_equal(want.view(np.uint16), got.view(np.uint16)), r["weight"]
+
+
+def test_float32_fp8_exports_keep_their_gemms_and_say_why(official):
+    from qwen3next_trt.engines.fold import onnx_for_ort_cuda
+
+    raw, records = onnx_for_ort_cuda(official[1]["fp32"] / "layer_00.decode.onnx")
+    assert raw is not None and records["fp8_gemms"]
+    assert all(not r["rewritten"] and "float32" in r["why"] for r in records["fp8_gemms"])
+    assert onnx_for_ort_cuda(official[1]["fp32"] / "embed.onnx")[0] is None if (official[1]["fp32"] / "embed.onnx").exists() else True
+
+
+def _static_fp8_gemm_graph(K=200, N=48, bias=True):
+    """x (float16) -> static FP8 Q/DQ -> Gemm / MatMul against a blocked FP8 weight (two K blocks, the
+    last one partial), as `export --precision fp8 --activations fp8 --dtype fp16` writes them."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(N, K, generator=g) * 40).to(torch.float8_e4m3fn)
+    s = (torch.rand(N, -(-K // 128), generator=g) * 0.01 + 0.001).half()
+    inits = [helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [N, K], w.view(torch.uint8).numpy().tobytes(), raw=True),
+             numpy_helper.from_array(s.numpy(), "s"), numpy_helper.from_array(np.array(0.05, np.float16), "xs"),
+             helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+             numpy_helper.from_array((torch.randn(N, generator=g) * 0.1).half().numpy(), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "zp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=-1, block_size=128),
+             helper.make_node("Gemm", ["xd", "wd"] + (["b"] if bias else []), ["y"], transB=1, name="gemm"),
+             helper.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["z"], name="matmul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [3, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [3, N]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT16, [3, N])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_static_activation_qdq_becomes_a_scale_and_gemm_bias_survives(tmp_path):
+    from qwen3next_trt.engines.fold import ORT_FP8_GEMM, onnx_for_ort_cuda
+
+    model = _static_fp8_gemm_graph()
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    raw, records = onnx_for_ort_cuda(tmp_path / "g.onnx")
+    by_node = {r["node"]: r for r in records["fp8_gemms"]}
+    assert by_node["gemm"]["a_scale"] == pytest.approx(0.05, rel=1e-3) and by_node["matmul"]["a_scale"] is None
+    rewritten = onnx.ModelProto.FromString(raw)
+    assert [n.op_type for n in rewritten.graph.node].count(ORT_FP8_GEMM) == 2
+    assert not [n for n in rewritten.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Transpose")]
+    assert any(o.domain == "com.microsoft" for o in rewritten.opset_import)
+    x = (torch.randn(3, 200, generator=torch.Generator().manual_seed(1)) * 2).half().numpy()
+    want = _cpu_session(model).run(None, {"x": x})
+    got = _cpu_session(_expand_ort_fp8_gemms(rewritten)).run(None, {"x": x})
+    for w, g_ in zip(want, got):
+        assert np.abs(w.astype(np.float32) - g_.astype(np.float32)).max() <= 2e-3 * np.abs(w.astype(np.float32)).max()

@@ -49,6 +49,7 @@ class Validator:
         self.backends = ["onnxrt"] if backend == "onnxrt" else ([backend] if bf16 else ["onnxrt", backend])
         self.tf32 = tf32
         self.placement: dict[str, dict[str, list[str]]] = {}
+        self.ort_rewrites: dict[str, dict] = {}  # onnxrt-cuda: FP8 graphs as the CUDA provider takes them
         self.engines = Path(engines) if engines else None
         # a group's prefill and decode sessions share its deserialised engine while both are alive
         self._loaded_engines = weakref.WeakValueDictionary()
@@ -107,6 +108,17 @@ class Validator:
             if nodes:  # no silent CPU fallback: every node the CUDA provider did not take is named
                 report.notes.append(f"{g}: onnxrt-cuda ran {len(nodes)} node(s) on the CPU provider: {', '.join(nodes[:6])}"
                                     + (" ..." if len(nodes) > 6 else ""))
+        if self.ort_rewrites:  # what an FP8 export became on the CUDA provider (engines/fold.py onnx_for_ort_cuda)
+            gemms = [r for v in self.ort_rewrites.values() for r in v.get("fp8_gemms", [])]
+            done = sum(r["rewritten"] for r in gemms)
+            why = sorted({r["why"] for r in gemms if not r["rewritten"]})
+            folded = sum(len(v.get("dequantised", [])) for v in self.ort_rewrites.values())
+            report.notes.append(f"onnxrt-cuda FP8: {done} of {len(gemms)} FP8 projection(s) in {len(self.ort_rewrites)} graph(s) ran as "
+                                f"com.microsoft::MatMulBlockQuantizedFp8Weight (FP8 bytes read by the kernel)"
+                                + (f"; the others not ({'; '.join(why)})" if why else "")
+                                + f"; {folded} DequantizeLinear(s) of FP8 constants (experts"
+                                + (", float32 projections" if why else "") + ") dequantised once into the export's .ort-cuda/ "
+                                "folder: 16/32-bit in GPU memory")
         report.notes = self.notes + report.notes
         report.seconds = time.time() - t0
         write_report(report, self.report_dir)
@@ -118,6 +130,8 @@ class Validator:
         if backend == "onnxrt-cuda":
             session = OrtSession(self.dir / rec.file, device="cuda", tf32=self.tf32)
             self.placement[rec.name] = session.placement()
+            if session.rewrites:
+                self.ort_rewrites[rec.name] = session.rewrites
             return session
         if not engine_path(self.engines, rec).is_file():
             raise LookupError(f"no engine {engine_path(self.engines, rec).name} in {self.engines}")

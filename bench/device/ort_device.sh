@@ -7,6 +7,12 @@
 #                                              bench/kernels.py --peer ort (decode, prefill, moe)
 #   bash bench/device/ort_device.sh 80b       export a 4-layer 80B (bf16, random weights) there and time decode
 #                                              (bench/ort_reduced_depth.py)
+#   PRECISION=fp8 PHASE=export|run bash bench/device/ort_device.sh 80b
+#                                              the same with FP8 weights, the export in a call of its own (PHASE=export),
+#                                              then the run on the warm machine (PHASE=run: reuses /tmp/rd80-fp8)
+#   bash bench/device/ort_device.sh fp8       carry out/dev17fp8 (tiny FP8 exports: fp16, bf16, fp16_static): validate
+#                                              --backend onnxrt-cuda (projections as MatMulBlockQuantizedFp8Weight,
+#                                              experts dequantised at load) and generate --device cuda, each
 #   bash bench/device/ort_device.sh paths     carry out/dev17/bf16 + out/dev17/fp16: device-resident decode vs the
 #                                              host path on the same sessions (bench/device/ort_paths.py)
 set -u
@@ -33,11 +39,25 @@ runtime)
   cp /tmp/val_fp32/report.json $OUT/validate_fp32_report.json 2>/dev/null
   ;;
 80b)
-  echo "== reduced-depth 80B (4 layers, bf16, random weights): export here, then decode"
+  prec=${PRECISION:-none}; dir=/tmp/rd80; [ $prec = none ] || dir=/tmp/rd80-$prec
+  phase=; case "${PHASE:-}" in export) phase=--export-only ;; run) phase=--skip-export ;; esac
+  echo "== reduced-depth 80B (4 layers, bf16, precision $prec, random weights) ${PHASE:-export + run}"
   df -h /tmp | tail -1
-  timeout ${RUN_TIMEOUT:-420} python3 bench/ort_reduced_depth.py --out /tmp/rd80 --layers 4 --dtype bf16 --batches 1,8 --new 64 2>&1 \
-    | tee $OUT/reduced_depth.log | grep -v "^\[export\]"
-  cp /tmp/rd80/result.json $OUT/reduced_depth.json 2>/dev/null
+  timeout ${RUN_TIMEOUT:-420} python3 bench/ort_reduced_depth.py --out $dir --layers 4 --dtype bf16 --precision $prec --batches 1,8 \
+    --new 64 $phase 2>&1 | tee $OUT/reduced_depth_${prec}_${PHASE:-all}.log | grep -v "^\[export\]"
+  cp $dir/result.json $OUT/reduced_depth_${prec}_${PHASE:-all}.json 2>/dev/null
+  ;;
+fp8)
+  for dir in ${FP8_DIRS:-out/dev17fp8/fp16 out/dev17fp8/bf16 out/dev17fp8/fp16_static}; do
+    name=fp8_$(basename $dir)
+    echo "== validate $dir --backend onnxrt-cuda"
+    timeout ${VALIDATE_TIMEOUT:-150} python3 -P -m qwen3next_trt.cli validate --onnx $dir --backend onnxrt-cuda --report /tmp/val_$name \
+      > $OUT/validate_$name.log 2>&1; grep -E "FAIL|greedy|result|PASS|onnxrt-cuda FP8|CPU provider" $OUT/validate_$name.log | tail -8
+    cp /tmp/val_$name/report.json $OUT/validate_${name}_report.json 2>/dev/null
+    echo "== generate $dir --device cuda"
+    timeout 90 python3 -P -m qwen3next_trt.cli generate --onnx $dir --device cuda --prompt-ids 5,17,3,99,42,7,61,8 \
+      --prompt-ids 9,31,4,56,13,88,40,2 --max-new-tokens 32 --json $OUT/generate_$name.json 2>&1 | tail -2
+  done
   ;;
 paths)
   # the device-resident decoder against the host path on the same CUDA sessions (carry out/dev17/bf16 and fp16)
@@ -45,5 +65,5 @@ paths)
   timeout ${RUN_TIMEOUT:-200} python3 -P bench/device/ort_paths.py ${PATHS_DIRS:-out/dev17/bf16 out/dev17/fp16} 2>&1 \
     | grep -v "No registered plugin EP" | tee $OUT/paths.log
   ;;
-*) echo "usage: bash bench/device/ort_device.sh runtime|80b|paths"; exit 2 ;;
+*) echo "usage: bash bench/device/ort_device.sh runtime|80b|fp8|paths"; exit 2 ;;
 esac
