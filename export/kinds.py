@@ -36,7 +36,7 @@ from qwen3next_trt.model.modeling_qwen3_next import (
     rope_inverse_frequencies,
 )
 
-from qwen3next_trt.model.fp8 import PER_TOKEN, FP8Weight, WeightQuantizer, activation_scale, is_quantized
+from qwen3next_trt.model.fp8 import PER_TOKEN, FP8Weight, WeightQuantizer, activation_scale, graph_scale, is_quantized
 
 from .custom_ops import export_kernels, stack_experts
 from .manifest import Kind, Role, state_tag
@@ -95,7 +95,7 @@ class FP8Linear(nn.Module):
         self.quantize_input = input_scale is not None
         self.per_token = input_scale == PER_TOKEN
         if self.quantize_input and not self.per_token:  # static FP8 activations: QuantizeLinear -> DequantizeLinear on the input
-            self.register_buffer("input_scale", torch.tensor(input_scale, dtype=dtype))
+            self.register_buffer("input_scale", graph_scale(input_scale, dtype))
             self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
 
     def forward(self, x):
@@ -163,7 +163,7 @@ class _WithExperts(nn.Module):
         if self.act_scales == PER_TOKEN:
             block.expert_input_quant = torch.ops.qwen3next.fake_quantize_fp8_per_token
         elif self.act_scales:
-            self.register_buffer(f"{slot}_input_scale", torch.tensor(self.act_scales[f"{prefix}mlp.experts"], dtype=self.dtype))
+            self.register_buffer(f"{slot}_input_scale", graph_scale(self.act_scales[f"{prefix}mlp.experts"], self.dtype))
             self.register_buffer(f"{slot}_input_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
             block.expert_input_quant = lambda x, slot=slot: torch.ops.qwen3next.fake_quantize_fp8(
                 x, getattr(self, f"{slot}_input_scale"), getattr(self, f"{slot}_input_zero_point"))
@@ -191,8 +191,8 @@ class KVCacheIO(nn.Module):
         super().__init__()
         self.fp8 = scales is not None
         if self.fp8:
-            self.register_buffer("key_scale", torch.tensor(scales[0], dtype=dtype))
-            self.register_buffer("value_scale", torch.tensor(scales[1], dtype=dtype))
+            self.register_buffer("key_scale", graph_scale(scales[0], dtype))
+            self.register_buffer("value_scale", graph_scale(scales[1], dtype))
             self.register_buffer("kv_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
 
     @property

@@ -206,13 +206,32 @@ def activation_points(module: torch.nn.Module, prefix: str):
             yield full + ".experts", sub
 
 
-def fake_quantize_activations_(module: torch.nn.Module, prefix: str, scales: dict[str, float]):
-    """Round every quantised activation of `module` through FP8 with its calibrated scale (hooks)."""
+def graph_scale(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A calibrated FP8 scale as an export of `dtype` holds it: QuantizeLinear / DequantizeLinear take
+    their scale in the activation's type, so a 16-bit export rounds each scale to 16 bits. The one
+    place that rounding is decided (export/kinds.py stores these; the reference applies them)."""
+    return torch.tensor(value, dtype=dtype)
+
+
+def graph_scales(scales, dtype: torch.dtype | None):
+    """{name: scale} as `graph_scale` rounds them (floats), for a reference that must round activations
+    and K/V with the very scales the graphs use: with the unrounded float32 scales ~1% of the E4M3
+    roundings of a float16 export land on the other side. PER_TOKEN, None and float32 pass through."""
+    if not isinstance(scales, dict) or dtype in (None, torch.float32):
+        return scales
+    return {k: float(graph_scale(v, dtype)) for k, v in scales.items()}
+
+
+def fake_quantize_activations_(module: torch.nn.Module, prefix: str, scales: dict[str, float], enabled: dict | None = None):
+    """Round every quantised activation of `module` through FP8 with its calibrated scale (hooks).
+    enabled: {"on": bool}, read at every call: off, the activations pass unrounded (the float model a
+    tolerance compares the rounding's own effect against, validate/tolerances.py)."""
     for name, sub in activation_points(module, prefix):
         if scales == PER_TOKEN:
-            quant = fake_quantize_activation_per_token
+            rounding = fake_quantize_activation_per_token
         else:
-            quant = lambda x, s=torch.tensor(scales[name]): fake_quantize_activation(x, s)  # noqa: E731
+            rounding = lambda x, s=torch.tensor(scales[name]): fake_quantize_activation(x, s)  # noqa: E731
+        quant = rounding if enabled is None else (lambda x, r=rounding: r(x) if enabled["on"] else x)
         if name.endswith(".experts"):
             sub.expert_input_quant = quant
         else:

@@ -202,6 +202,31 @@ def test_fp8_activation_export_matches_the_fake_quantised_reference(fp8_act_expo
     assert max(r.max_abs / max(r.ref_max, 1e-6) for r in report.rows) <= 1e-3
 
 
+def test_float16_static_activation_export_validates(tmp_path_factory):
+    """A float16 export with static FP8 activations against the reference (ONNX Runtime CPU). The
+    graph holds each scale in float16 and the reference must round with those very scales
+    (model/fp8.py graph_scales); the roundings 16-bit arithmetic decides the other way are allowed for
+    by twice the rounding's own effect, measured per output (tolerances.activation_rounding_effect).
+    Before both, 154 of 278 rows of the whole tiny model failed by up to 16x (NOTES.md)."""
+    from qwen3next_trt.model.fp8 import graph_scales
+
+    out = tmp_path_factory.mktemp("fp8act16") / "onnx"
+    Exporter("tiny", out, layers="0,3", dtype="fp16", precision="fp8", activations="fp8", calib=2,
+             progress=lambda m: None).run()
+    scales = json.loads((out / "manifest.json").read_text())["activation_precision"]["scales"]
+    model, inits = initializers(out / "layer_00.decode.onnx")
+    rounded = set(graph_scales(scales, torch.float16).values())
+    for n in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        held = numpy_helper.to_array(inits[n.input[1]])
+        assert held.dtype == np.float16 and float(held) in rounded  # exactly what the reference applies
+    report = Validator(out, progress=lambda m: None).run()
+    assert report.passed, [(r.graph, r.output, r.max_abs, r.tolerance) for r in report.rows if not r.passed][:5]
+    base = report.tolerances["layer"]
+    # the allowance is measured, not a blanket: it is there for some outputs and not equal for all
+    extra = [r.tolerance - base * max(r.ref_max, 1e-6) for r in report.rows if r.graph.startswith("layer_")]
+    assert max(extra) > 0 and len({round(e, 9) for e in extra}) > 1
+
+
 def test_activation_options_are_checked(tmp_path, capsys):
     rc = main(["export", "--model", "tiny", "--out", str(tmp_path / "a"), "--activations", "fp8", "--layers", "0"])
     assert rc == 2 and "--precision fp8" in capsys.readouterr().err

@@ -102,3 +102,33 @@ def test_routing_near_ties_cover_every_16bit_routing_flip():
         # the bound leaves room for the upstream error of x, which this oracle has none of: measured
         # 409 marked for 16 flips (fp16), 2725 for 102 (bf16); a bound much looser would excuse anything
         assert marked.sum() <= 40 * flipped.sum() and marked.double().mean() < 0.2, f"{name}: {int(marked.sum())} marked"
+
+
+def test_fp8_tolerances_are_never_tighter_than_the_export_dtype():
+    from qwen3next_trt.validate.tolerances import TOLERANCES, fp8_tolerances
+
+    assert fp8_tolerances("fp32") == TOLERANCES["fp8_activations"]
+    for dtype in ("fp16", "bf16"):
+        t = fp8_tolerances(dtype)
+        for key in ("layer", "end_to_end"):
+            assert t[key] >= TOLERANCES[dtype][key] and t[key] >= TOLERANCES["fp8_activations"][key]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_16bit_activation_flips_stay_within_twice_the_rounding_effect(dtype):
+    """The rule of activation_rounding_effect, on a linear layer with an independent E4M3 (ml_dtypes):
+    the graph rounds the 16-bit activation with the 16-bit scale, the reference the float32 activation
+    with the same scale; their outputs differ by no more than twice what the rounding itself does."""
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        x = rng.normal(0, 1, (64, 256)) * rng.uniform(0.5, 4)
+        w = rng.normal(0, 0.06, (256, 128))
+        scale = float(np.asarray(np.abs(x).max() / 448, dtype).astype(np.float64))  # as the graph holds it
+        u = 2.0**-11 if dtype == np.float16 else 2.0**-8
+        # the graph's activation: computed in 16 bits, a few units of rounding off the float32 one
+        x16 = (x * (1 + rng.normal(0, 2 * u, x.shape))).astype(dtype).astype(np.float64)
+        ref, graph = e4m3(x, scale) @ w, e4m3(x16, scale) @ w
+        flipped = (e4m3(x, scale) != e4m3(x16, scale)).mean()
+        assert flipped > 1e-3  # 16-bit activations flip roundings, far more often than float32 ties (~1e-6)
+        effect = np.abs(ref - x @ w).max()
+        assert np.abs(graph - ref).max() <= 2 * effect + np.abs(x16 @ w - x @ w).max()

@@ -14,7 +14,7 @@ from .inputs import feeds_for
 from .reference import ReferencePart
 from .report import Row
 from .runners import reference_runner
-from .tolerances import fp8_step_tolerance, kv_rounding_effect, metrics, tolerance
+from .tolerances import activation_rounding_effect, fp8_step_tolerance, kv_rounding_effect, metrics, tolerance
 
 
 def compare_graph(record: GraphRecord, part: ReferencePart, runners: list, vocab_size: int, tol: dict,
@@ -34,6 +34,8 @@ def compare_graph(record: GraphRecord, part: ReferencePart, runners: list, vocab
     ref_iters = results[0][1]
     # the stitched model with an FP8 KV cache: what its KV rounding does to each output (tolerances.py)
     rounding = kv_rounding_effect(part, [f for _, f in feeds], ref_iters) if kind == "end_to_end" and kv_scales else None
+    # a 16-bit export with FP8 activations: roundings decided the other way (tolerances.py)
+    flips = activation_rounding_effect(part, [f for _, f in feeds], ref_iters) if unit_roundoff and part.rounds_activations else None
     ties = [part.routing_ties(f, unit_roundoff) if unit_roundoff else [] for _, f in feeds]
     tied_tokens = [np.asarray(sum(t.numpy().astype(bool) for t in per_feed)) if per_feed else None for per_feed in ties]
     activations = {p.name for p in record.outputs if p.role == Role.ACTIVATION}
@@ -58,8 +60,11 @@ def compare_graph(record: GraphRecord, part: ReferencePart, runners: list, vocab
                 t = tolerance(tol, kind, ref_max)
                 if rounding is not None:
                     t += 2 * rounding[i][name]
+                if flips is not None:
+                    t += 2 * flips[i][name]
                 if name in kv_scales:  # a float8 state: rounding ties (same inputs) or upstream error flipped
-                    t = fp8_step_tolerance(ref_it[name], got_it[name], kv_scales[name], upstream=t if kind == "end_to_end" else 0.0)
+                    t = fp8_step_tolerance(ref_it[name], got_it[name], kv_scales[name],
+                                           upstream=t if kind == "end_to_end" or flips is not None else 0.0)
                 atol[name] = max(atol.get(name, 0.0), t)
                 mine.append(Row(backend, record.name, label, name, max_abs, max_rel, cos, ref_max, t, max_abs <= t,
                                 left_out=left_out if name in activations else 0, excused=excused))

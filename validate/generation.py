@@ -9,8 +9,9 @@ import time
 import numpy as np
 import torch
 
-from qwen3next_trt.model.fp8 import fake_quantize_, fake_quantize_activations_, fake_quantize_kv_
+from qwen3next_trt.model.fp8 import fake_quantize_, fake_quantize_activations_, fake_quantize_kv_, graph_scales
 from qwen3next_trt.runtime import Generator
+from qwen3next_trt.sessions import torch_dtype
 
 from .reference import routing_ties
 from .tolerances import greedy_check, metrics, tolerance
@@ -29,12 +30,13 @@ def reference_model(source, manifest, quantizer):
     """The float model an export must reproduce: its FP8 roundings (weights, activations, KV) applied."""
     model = source.whole_model(with_mtp=False)
     precision = manifest.precision
+    dtype = torch_dtype(manifest.dtype)  # the graphs' FP8 scales are rounded to it (model/fp8.py graph_scales)
     if quantizer is not None:
         fake_quantize_(model, "", quantizer)
         if precision.activations.static_scales or precision.activations.dynamic:
-            fake_quantize_activations_(model, "", precision.activations.scales)
+            fake_quantize_activations_(model, "", graph_scales(precision.activations.scales, dtype))
     if precision.kv_cache.fp8:
-        fake_quantize_kv_(model, precision.kv_cache.scales)
+        fake_quantize_kv_(model, graph_scales(precision.kv_cache.scales, dtype))
     return model.to(torch.float32)
 
 

@@ -17,7 +17,7 @@ from qwen3next_trt.errors import InputError
 from qwen3next_trt.export.kinds import KINDS
 from qwen3next_trt.export.manifest import GraphRecord, Manifest
 from qwen3next_trt.model import AttentionCache
-from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_, fake_quantize_activations_, kv_quantizer
+from qwen3next_trt.model.fp8 import WeightQuantizer, fake_quantize_, fake_quantize_activations_, graph_scales, kv_quantizer
 from qwen3next_trt.model.loader import RANDOM_INIT_VERSION, WeightSource
 from qwen3next_trt.model.modeling_qwen3_next import Qwen3NextRotaryEmbedding, Qwen3NextSparseMoeBlock
 from qwen3next_trt.sessions import torch_dtype
@@ -95,11 +95,17 @@ class ReferencePart:
     """Callable: feed dict (numpy) -> outputs dict (numpy, float32 for floats), for one graph group."""
 
     def __init__(self, record: GraphRecord, source: WeightSource, quantizer: WeightQuantizer | None = None,
-                 act_scales: dict | None = None, kv_scales: dict[str, float] | None = None, fake_quantize_kv: bool = True):
+                 act_scales: dict | None = None, kv_scales: dict[str, float] | None = None, fake_quantize_kv: bool = True,
+                 scale_dtype: torch.dtype | None = None):
         self.record, self.config = record, source.config
+        # FP8 scales as the graphs hold them: rounded to the export's dtype (model/fp8.py graph_scales)
+        act_scales, kv_scales = graph_scales(act_scales, scale_dtype), graph_scales(kv_scales, scale_dtype)
         # FP8 KV cache: {state port: scale} (Manifest.kv_scales); float8 inputs are read with these scales,
         # and new keys/values are rounded through E4M3 unless fake_quantize_kv is False (the float model)
         self.kv_scales = kv_scales or {}
+        # FP8 activations: rounded while act_rounding["on"] (tolerances.activation_rounding_effect turns it off)
+        self.act_rounding = {"on": True}
+        self.rounds_activations = bool(act_scales) and quantizer is not None and KINDS[record.kind].fp8_weights
         self.kind = KINDS[record.kind]
         self.module = self.kind.reference_module(source, record)
         mods = self.module if isinstance(self.module, tuple) else (self.module,)
@@ -108,7 +114,7 @@ class ReferencePart:
             for m in mods:
                 fake_quantize_(m, prefix, quantizer)
                 if act_scales:
-                    fake_quantize_activations_(m, prefix, act_scales)
+                    fake_quantize_activations_(m, prefix, act_scales, self.act_rounding)
         for m in mods:
             m.to(torch.float32)
         self.context = ReferenceContext(self.config, self.kv_scales, fake_quantize_kv)

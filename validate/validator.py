@@ -19,14 +19,14 @@ from qwen3next_trt.errors import InputError
 from qwen3next_trt.export.manifest import GraphRecord, Manifest
 from qwen3next_trt.outputs import refuse_overlap
 from qwen3next_trt.runtime import Generator
-from qwen3next_trt.sessions import BACKENDS, OrtSession, engine_path, open_engine
+from qwen3next_trt.sessions import BACKENDS, OrtSession, engine_path, open_engine, torch_dtype
 
 from .compare import compare_graph
 from .generation import greedy_parity, reference_model
 from .reference import ReferencePart, weight_quantizer, weight_source
 from .report import Report, write_report
 from .runners import session_runner
-from .tolerances import TOLERANCES, UNIT_ROUNDOFF
+from .tolerances import TOLERANCES, UNIT_ROUNDOFF, fp8_tolerances
 
 
 class Validator:
@@ -71,8 +71,9 @@ class Validator:
         self.act_scales = precision.activations.scales
         if precision.activations.fp8 or precision.kv_cache.fp8:
             # rounding to FP8 can land on the other side of a tie in ONNX Runtime than in PyTorch:
-            # one FP8 step (6% of that element), so the gate is relative, as the FP8 issue sets it
-            self.tol = TOLERANCES["fp8_activations"]
+            # one FP8 step (6% of that element), so the gate is relative, as the FP8 issue sets it;
+            # never tighter than the export dtype's own (tolerances.fp8_tolerances)
+            self.tol = fp8_tolerances(self.manifest.dtype)
 
     def run(self) -> Report:
         from polygraphy.logger import G_LOGGER
@@ -92,7 +93,8 @@ class Validator:
         groups = self.manifest.groups()
         for i, (weights, records) in enumerate(groups.items(), 1):
             t = time.time()
-            part = ReferencePart(records[0], self.source, self.quantizer, self.act_scales, self.manifest.kv_scales(records[0]))
+            part = ReferencePart(records[0], self.source, self.quantizer, self.act_scales, self.manifest.kv_scales(records[0]),
+                                 scale_dtype=torch_dtype(self.manifest.dtype))
             for rec in records:
                 report.rows += compare_graph(rec, part, self._runners(rec, part.kv_scales), self.manifest.vocab_size,
                                              self.tol, self.report_dir, UNIT_ROUNDOFF.get(self.manifest.dtype))
