@@ -108,13 +108,7 @@ def kv_rounding_effect(part, feeds: list[dict], rounded: list) -> list[dict[str,
     the rounding's own effect on that output; the per-layer graphs, fed identical inputs, keep the
     strict one-step rule and catch a graph that rounds wrongly.
     """
-    quantized = part.context.fake_quantize_kv
-    part.context.fake_quantize_kv = False
-    try:
-        float_kv = [part(feed) for feed in feeds]
-    finally:
-        part.context.fake_quantize_kv = quantized
-    return [{name: metrics(r[name], f[name])[0] for name in r} for r, f in zip(rounded, float_kv)]
+    return _effect(part, feeds, rounded, part.context, "fake_quantize_kv")
 
 
 def activation_rounding_effect(part, feeds: list[dict], rounded: list) -> list[dict[str, float]]:
@@ -131,11 +125,20 @@ def activation_rounding_effect(part, feeds: list[dict], rounded: list) -> list[d
     effect; the stitched model, where flips compound, up to 1.9x). What this rule cannot tell apart: a
     graph that skipped the rounding (off by ~1x the effect). The float32 exports, made by the same
     exporter code, keep the strict rule and catch that."""
-    part.act_rounding["on"] = False
+    return _effect(part, feeds, rounded, part.act_rounding, "on")
+
+
+def _effect(part, feeds: list[dict], rounded: list, switch, key) -> list[dict[str, float]]:
+    """Per feed and output: max abs between `rounded` (the reference's outputs) and the reference run
+    again with the rounding switched off (`switch[key]` or `switch.key` False meanwhile)."""
+    get = (lambda: switch[key]) if isinstance(switch, dict) else (lambda: getattr(switch, key))
+    put = (lambda v: switch.__setitem__(key, v)) if isinstance(switch, dict) else (lambda v: setattr(switch, key, v))
+    was = get()
+    put(False)
     try:
         unrounded = [part(feed) for feed in feeds]
     finally:
-        part.act_rounding["on"] = True
+        put(was)
     return [{name: metrics(r[name], f[name])[0] for name in r} for r, f in zip(rounded, unrounded)]
 
 
