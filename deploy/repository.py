@@ -219,13 +219,8 @@ def plugin_library_for(metas: list[dict], engines_dir: Path | None) -> str | Non
     (recorded in their metadata, checked by sha256), or this host's build of it when that has the same
     hash; None when every plan embeds it or there are no engines. InputError when it is missing or differs."""
     from qwen3next_trt.engines.metadata import metadata_path, plugin_library_path
-    from qwen3next_trt.plugins import build as plugin_build
 
-    try:
-        current = plugin_build.cpp_library_path(build=False)
-    except (plugin_build.PluginBuildError, plugin_build.PluginHeadersError):
-        current = None
-    found = {plugin_library_path(m, metadata_path(engines_dir / m["engine"]), current) for m in metas}
+    found = {plugin_library_path(m, metadata_path(engines_dir / m["engine"])) for m in metas}
     found.discard(None)
     if len(found) > 1:
         raise InputError(f"{engines_dir}: the engines were built with different plugin libraries ({', '.join(map(str, sorted(found)))}): "

@@ -56,6 +56,13 @@ class _Graph:
             raise InputError(f"{self.path}: initializer {name!r}: cannot read its data ({e})") from None
 
 
+def _set_nodes(G: _Graph, nodes: list) -> None:
+    """Replace the graph's nodes by `nodes` (a list in topological order, old and new protos mixed)."""
+    kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+    del G.g.node[:]
+    G.g.node.extend(kept)
+
+
 def _fp8_source(G: _Graph, moe, slot: int):
     """([DequantizeLinear node, optional Cast], fp8 initializer, scale initializer, block) feeding MoE input
     `slot`, or None. 16-bit exports keep the scales float32 and Cast the dequantised experts."""
@@ -230,20 +237,23 @@ def split_fp8_gemms(model: onnx.ModelProto, base_dir: Path, path: Path) -> list[
             if not read(t.name):
                 G.g.initializer.remove(t)
     if records:  # new nodes in place of each GEMM: the list stays in topological order
-        kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
-        del G.g.node[:]
-        G.g.node.extend(kept)
+        _set_nodes(G, nodes)
     return records
+
+
+def _load_graph(onnx_path: Path) -> onnx.ModelProto:
+    """The graph without its external weights (the rewrites read only what they change)."""
+    try:
+        return onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, DecodeError) as e:
+        raise InputError(f"{onnx_path}: cannot read the ONNX graph ({e})") from None
 
 
 def onnx_for_parser(onnx_path: Path) -> tuple[bytes, dict]:
     """The model bytes to hand TensorRT's parser (`parser.parse(bytes, str(onnx_path))`: external
     weights are found beside `onnx_path`), and a record of what was rewritten (for the metadata)."""
     onnx_path = Path(onnx_path)
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except (OSError, DecodeError) as e:
-        raise InputError(f"{onnx_path}: cannot read the ONNX graph ({e})") from None
+    model = _load_graph(onnx_path)
     moe = fold_fp8_experts(model, onnx_path.parent, onnx_path)
     gemms = split_fp8_gemms(model, onnx_path.parent, onnx_path)
     return model.SerializeToString(), {"moe_fp8": moe, "fp8_gemms_split_k": gemms}
@@ -323,9 +333,7 @@ def fp8_gemms_for_ort_cuda(model: onnx.ModelProto, base_dir: Path, path: Path) -
     for t in list(G.g.initializer):
         if not read(t.name) and (t.name in widened or t.data_type == onnx.TensorProto.FLOAT8E4M3FN):
             G.g.initializer.remove(t)
-    kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
-    del G.g.node[:]
-    G.g.node.extend(kept)
+    _set_nodes(G, nodes)
     if not any(o.domain == MOE_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MOE_DOMAIN, 1))
     return records
@@ -336,20 +344,21 @@ ORT_CUDA_CACHE = ".ort-cuda"  # inside the export folder: what the CUDA provider
 
 def _dequantised(G: _Graph, w, s, block: int, to: int):
     """fp8 initializer `w` x per-row blocked scales `s` (the export's DequantizeLinear along the last
-    axis), as the onnx element type `to`: computed in float32 as DequantizeLinear does, then rounded once."""
+    axis, model/fp8.py FP8Weight), as the onnx element type `to`: float32 products, rounded once."""
     import torch
+
+    from qwen3next_trt.model.fp8 import FP8Weight
 
     fp8 = torch.from_numpy(np.array(G.array(w.name).view(np.uint8), copy=True)).view(torch.float8_e4m3fn)
     scale = torch.from_numpy(np.ascontiguousarray(G.array(s.name).astype(np.float32)))
     dtype = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
              onnx.TensorProto.BFLOAT16: torch.bfloat16}[to]
-    out = torch.empty(fp8.shape, dtype=dtype)
     K = fp8.shape[-1]
-    flat_in, flat_s, flat_out = fp8.reshape(-1, K), scale.reshape(-1, scale.shape[-1]), out.view(-1, K)
-    for a in range(0, flat_in.shape[0], 1 << 16):  # rows in slices: an 80B layer's experts are 1.6 G values
-        b = min(a + (1 << 16), flat_in.shape[0])
-        flat_out[a:b] = (flat_in[a:b].float() * flat_s[a:b].repeat_interleave(block, -1)[:, :K]).to(dtype)
-    return out.view(torch.int16 if dtype != torch.float32 else torch.int32).numpy()
+    rows, row_scales = fp8.reshape(-1, K), scale.reshape(-1, scale.shape[-1])
+    out = torch.empty(rows.shape, dtype=dtype)
+    for a in range(0, rows.shape[0], 1 << 16):  # rows in slices: an 80B layer's experts are 1.6 G values
+        out[a : a + (1 << 16)] = FP8Weight(rows[a : a + (1 << 16)], row_scales[a : a + (1 << 16)], block).dequantize().to(dtype)
+    return out.view(fp8.shape).view(torch.int16 if dtype != torch.float32 else torch.int32).numpy()
 
 
 def materialise_fp8_constants(model: onnx.ModelProto, base_dir: Path, path: Path) -> list[dict]:
@@ -420,10 +429,7 @@ def onnx_for_ort_cuda(onnx_path: Path) -> tuple[bytes | None, dict]:
     rewrite) and what was rewritten. External weights stay in the export's files: the session loads the
     bytes with `session.model_external_initializers_file_folder_path` set to the export's folder."""
     onnx_path = Path(onnx_path)
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except (OSError, DecodeError) as e:
-        raise InputError(f"{onnx_path}: cannot read the ONNX graph ({e})") from None
+    model = _load_graph(onnx_path)
     if not any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer):
         return None, {}
     gemms = fp8_gemms_for_ort_cuda(model, onnx_path.parent, onnx_path)

@@ -99,16 +99,19 @@ def check_engine_source(meta: dict, meta_path: Path, manifest, record) -> int:
     return profile
 
 
-def plugin_library_path(meta: dict, meta_path: Path, current: Path | None = None) -> Path | None:
+def plugin_library_path(meta: dict, meta_path: Path) -> Path | None:
     """The C++ plugin library to load before deserialising the engine: None when the plan embeds it;
-    else the library recorded at build time, or `current` (this host's build), whichever has the
+    else the library recorded at build time, or this host's build of it, whichever has the
     recorded sha256. A plan names its plugins only, so another library build could hold other
     kernels or fields under the same names: a missing or different library is an error, not a guess."""
+    from qwen3next_trt.plugins.build import built_cpp_library
+
     lib = meta.get("plugin_library")
+    if lib and lib.get("embedded"):
+        return None
+    current = built_cpp_library()
     if not lib:  # metadata that records none (hand-made): this host's library, if any
         return current if current is not None and current.is_file() else None
-    if lib.get("embedded"):
-        return None
     from qwen3next_trt.hashing import verified_sha256
 
     want = lib.get("sha256")

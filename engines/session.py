@@ -51,11 +51,7 @@ class Engine:
         trt = self.T.trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        try:
-            current = plugin_build.cpp_library_path(build=False)
-        except (plugin_build.PluginBuildError, plugin_build.PluginHeadersError):
-            current = None
-        library = plugin_library_path(self.meta, metadata_path(self.path), current)
+        library = plugin_library_path(self.meta, metadata_path(self.path))
         if library is not None:
             # a plain plan names its plugins only: their creators must be registered before deserialising
             trt_adapter.load_plugin_library(self.T, self.runtime.get_plugin_registry(), library, plugin_build.CPP_PLUGINS)

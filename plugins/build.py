@@ -304,6 +304,15 @@ def cpp_library_path(build: bool = True, progress: Callable[[str], None] | None 
     return compile_cpp_library(path, include, origin, progress)
 
 
+def built_cpp_library() -> Path | None:
+    """This host's build of the C++ plugin library for the current sources, or None when it is not
+    built (or there are no TensorRT headers to build it against); never compiles."""
+    try:
+        return cpp_library_path(build=False)
+    except (PluginBuildError, PluginHeadersError):
+        return None
+
+
 def cpp_library_info(build: bool = True, progress: Callable[[str], None] | None = None) -> dict:
     """path, sha256, and the TensorRT headers it was compiled with."""
     path = cpp_library_path(build, progress)

@@ -356,7 +356,15 @@ def test_float32_fp8_exports_keep_their_gemms_and_say_why(official):
     raw, records = onnx_for_ort_cuda(official[1]["fp32"] / "layer_00.decode.onnx")
     assert raw is not None and records["fp8_gemms"]
     assert all(not r["rewritten"] and "float32" in r["why"] for r in records["fp8_gemms"])
-    assert onnx_for_ort_cuda(official[1]["fp32"] / "embed.onnx")[0] is None if (official[1]["fp32"] / "embed.onnx").exists() else True
+
+
+def test_graphs_without_fp8_load_as_they_are(tmp_path):
+    from qwen3next_trt.engines.fold import onnx_for_ort_cuda
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(tmp_path / "g.onnx"))
+    assert onnx_for_ort_cuda(tmp_path / "g.onnx") == (None, {})
 
 
 def _static_fp8_gemm_graph(K=200, N=48, bias=True):

@@ -105,8 +105,8 @@ class ReferencePart:
         self.kv_scales = kv_scales or {}
         # FP8 activations: rounded while act_rounding["on"] (tolerances.activation_rounding_effect turns it off)
         self.act_rounding = {"on": True}
-        self.rounds_activations = bool(act_scales) and quantizer is not None and KINDS[record.kind].fp8_weights
         self.kind = KINDS[record.kind]
+        self.rounds_activations = bool(act_scales) and quantizer is not None and self.kind.fp8_weights
         self.module = self.kind.reference_module(source, record)
         mods = self.module if isinstance(self.module, tuple) else (self.module,)
         if quantizer is not None and self.kind.fp8_weights:  # the float model an FP8 export must reproduce
