@@ -854,10 +854,12 @@ class KernelOps(TorchOps):
         d = self.d
         out = torch.empty(B * T, d.Hv * d.Dv, dtype=F32, device=q.device)
         # float32 inputs, as the exporter feeds the LinearAttention node; impl 0 = what the TensorRT plugin
-        # dispatches to (decode kernel for 1-4 tokens, chunked tensor-core scan above)
+        # dispatches to (decode kernel for 1-4 tokens, split chunked scan above, with the plugin's workspace)
+        ws_bytes = self.lib.q3n_linear_attention_workspace_size(B, T, d.Hk, d.Hv, d.Dk, d.Dv)
+        ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=q.device)
         rc = self.lib.q3n_linear_attention_impl(self._p(q), self._p(k), self._p(v), self._p(state), self._p(g), self._p(beta),
                                                 self._p(out), self._p(state), B, T, d.Hk, d.Hv, d.Dk, d.Dv,
-                                                ctypes.c_float(d.Dk**-0.5), 0, 0, self._stream())
+                                                ctypes.c_float(d.Dk**-0.5), 0, self._p(ws), ws_bytes, 0, self._stream())
         self._check("q3n_linear_attention_impl", rc)
         return out
 

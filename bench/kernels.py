@@ -177,7 +177,7 @@ def gdn_rows(rates, fla, quick, part):
             peer_ms, peer_method = timed_calls([lambda: reference_scan(q.float(), k.float(), v.float(), s0, decay.float(), beta.float(), HK, HV, D**-0.5)], reps=3, graph=False)
         kernel = "GDN decode" if T <= 4 else "GDN prefill"
         impls = ([("auto", "decode")] + ([("simple", "simple")] if T == 1 else [])) if T <= 4 \
-            else [("auto", "chunk_tc"), ("chunk", "chunk"), ("simple", "simple")]
+            else [("auto", "chunk_split"), ("chunk_tc", "chunk_tc"), ("chunk", "chunk"), ("simple", "simple")]
         for impl, label in impls:
             out, state = scan(impl, sets[0])()
             t, method = timed_calls([scan(impl, a) for a in sets], reps=5 if (T > 4096 or impl == "simple") else 20)
@@ -325,7 +325,7 @@ def ort_gdn_rows(rates, part):
         act_bytes = B * T * (2 * HK * D + 2 * HV * D + 2 * HV) * 2
         flops = B * T * HV * 4 * 2 * D * D
         floor = max((act_bytes + state_bytes) / rates["copy_GBps"] / 1e6, flops / rates["bf16_TFLOPs"] / 1e9)
-        label = "decode" if T <= 4 else "chunk_tc"
+        label = "decode" if T <= 4 else "chunk_split"
         reps = 5 if T > 4096 else 20
         scan = lambda a: (lambda: torch_ops.linear_attention(*a[:3], a[3], a[4], a[5], HK, HV, D**-0.5, impl="auto"))  # noqa: E731
         out, state = scan(sets[0])()

@@ -37,7 +37,8 @@ ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_120")
 GENCODE = tuple(f"-gencode=arch=compute_{a[3:]},code={a}" for a in ARCHS)
 # -lineinfo: source lines for profilers' stall sampling (ncu); no effect on the generated code.
 NVCC_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-shared", "-Xcompiler", "-fPIC", "--threads", "0", *GENCODE)
-SYMBOLS = ("q3n_causal_conv_with_state", "q3n_linear_attention", "q3n_linear_attention_impl", "q3n_moe_workspace_size",
+SYMBOLS = ("q3n_causal_conv_with_state", "q3n_linear_attention", "q3n_linear_attention_impl",
+           "q3n_linear_attention_workspace_size", "q3n_moe_workspace_size",
            "q3n_moe", "q3n_moe_fp8", "q3n_moe_fp8_impl")
 
 

@@ -10,7 +10,8 @@ the same tensors:
 
 `impl` picks the kernel: "auto" (what the TensorRT plugins get: the fast kernel when the shapes fit),
 "simple" (the issue-5 kernels: the oracle), or one fast kernel by name ("decode", "chunk" (CUDA cores),
-"chunk_tc" (tensor cores) for the scan; "fast" for the FP8 MoE), which raises when the shapes do not fit.
+"chunk_tc" (tensor cores), "chunk_split" (factor + state passes, with a workspace allocated here) for the
+scan; "fast", "prefill" for the FP8 MoE), which raises when the shapes do not fit.
 
 Outputs are allocated here; the kernels run on torch's current stream of the inputs' device.
 """
@@ -38,14 +39,16 @@ STATUS_NAMES = {
 _p, _i, _f, _sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_size_t
 _PROTOTYPES = {
     "q3n_causal_conv_with_state": (_i, [_p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _p]),
-    "q3n_linear_attention": (_i, [_p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _i, _p]),
-    "q3n_linear_attention_impl": (_i, [_p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _i, _i, _p]),
+    "q3n_linear_attention_workspace_size": (_sz, [_i, _i, _i, _i, _i, _i]),
+    "q3n_linear_attention": (_i, [_p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _i, _p, _sz, _p]),
+    "q3n_linear_attention_impl": (_i, [_p, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _f, _i, _p, _sz, _i, _p]),
     "q3n_moe_workspace_size": (_sz, [_i, _i, _i, _i, _i]),
     "q3n_moe": (_i, [_p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p, _sz, _p]),
     "q3n_moe_fp8": (_i, [_p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p, _sz, _p]),
     "q3n_moe_fp8_impl": (_i, [_p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _p, _sz, _i, _p]),
 }
-LINEAR_ATTENTION_IMPLS = {"auto": 0, "simple": 1, "decode": 2, "chunk": 3, "chunk_tc": 4}
+LINEAR_ATTENTION_IMPLS = {"auto": 0, "simple": 1, "decode": 2, "chunk": 3, "chunk_tc": 4, "chunk_split": 5}
+MAX_DECODE_TOKENS = 4  # q3n_gdn::kMaxDecodeTokens: the decode kernel's calls, which need no workspace
 MOE_FP8_IMPLS = {"auto": 0, "simple": 1, "fast": 2, "prefill": 3}
 
 
@@ -164,12 +167,21 @@ def linear_attention(q, k, v, past_state, decay, beta, q_num_heads: int, kv_num_
         past_state = _prepare("past_state", past_state, dev, None, (B, Hv, Dk, Dv)).float().contiguous()
     out = torch.empty_like(v)
     present = torch.empty(B, Hv, Dk, Dv, dtype=torch.float32, device=dev)
+    # The size function answers 0 at 1-4 tokens (the decode kernel's); an explicit split call there gets one chunk.
+    ws_bytes = linear_attention_workspace_size(B, max(T, MAX_DECODE_TOKENS + 1) if impl == "chunk_split" else T, Hk, Hv, Dk, Dv)
+    workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=dev)
     with torch.cuda.device(dev):
         rc = load_library().q3n_linear_attention_impl(
             _ptr(q), _ptr(k), _ptr(v), _ptr(past_state), _ptr(decay), _ptr(beta), _ptr(out), _ptr(present),
-            B, T, Hk, Hv, Dk, Dv, float(scale), code, LINEAR_ATTENTION_IMPLS[impl], _stream(dev))
+            B, T, Hk, Hv, Dk, Dv, float(scale), code, _ptr(workspace), ws_bytes, LINEAR_ATTENTION_IMPLS[impl], _stream(dev))
     _check(f"q3n_linear_attention_impl ({impl})", rc)
     return out, present
+
+
+def linear_attention_workspace_size(batch: int, seq: int, q_num_heads: int, kv_num_heads: int, head_k_dim: int,
+                                    head_v_dim: int) -> int:
+    return int(load_library().q3n_linear_attention_workspace_size(batch, seq, q_num_heads, kv_num_heads, head_k_dim,
+                                                                    head_v_dim))
 
 
 def moe_workspace_size(tokens: int, experts: int, top_k: int, hidden: int, inter: int) -> int:
@@ -242,5 +254,5 @@ def moe_fp8(x, router_logits, fc1, scale1, fc2, scale2, k: int, normalize: int, 
     return out.reshape(x.shape)
 
 
-__all__ = ["causal_conv_with_state", "linear_attention", "load_library", "moe", "moe_fp8", "moe_workspace_size",
-           "status_message"]
+__all__ = ["causal_conv_with_state", "linear_attention", "linear_attention_workspace_size", "load_library", "moe",
+           "moe_fp8", "moe_workspace_size", "status_message"]

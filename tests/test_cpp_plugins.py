@@ -292,6 +292,11 @@ def test_workspace_sizes(harness):
     expect = 2 * align(4 * pairs) + align(4 * pairs * inter)
     expect += align(4 * experts) + 2 * align(4 * (experts + 1)) + 2 * align(4 * pairs) + align(4 * pairs * hidden)
     assert harness("workspace " + " ".join(SHAPES["MoE"]))["bytes"] == expect
+    # LinearAttention at Dk = 128 (2 key / 4 value heads) and 100 tokens: the split prefill's factors, 2 chunks of
+    # 64x64 M and P plus 64 G floats per (batch, value head); the kernel's contract in tests/test_plugin_kernels.py
+    assert create(harness, "LinearAttention", VALID["LinearAttention"])["ok"]
+    la_shapes = ["3x100x256", "3x100x256", "3x100x512", "3x4x128x128", "3x100x4", "3x100x4"]
+    assert harness("workspace " + " ".join(la_shapes))["bytes"] == 3 * 4 * 2 * (2 * 64 * 64 + 64) * 4
 
 
 def selfreg(tools, library, runtime, *more):

@@ -74,17 +74,22 @@ def _gdn_reference(q, k, v, past, decay, beta, Hk, Hv, scale):
     return out.reshape(B, T, Hv * Dv), S
 
 
-def _call_la(q, k, v, past, decay, beta, Hk, Hv, scale, impl, in_place=False):
-    """The C ABI directly, with NaN-poisoned outputs: every element must be written."""
+def _call_la(q, k, v, past, decay, beta, Hk, Hv, scale, impl, in_place=False, ws_bytes=None):
+    """The C ABI directly, with NaN-poisoned outputs and workspace: every element must be written, and nothing
+    may be read from the workspace before it is written. ws_bytes: less than the asked-for workspace (segments)."""
     ops = _ops()
     B, T, _ = q.shape
     Dk, Dv = q.shape[-1] // Hk, v.shape[-1] // Hv
     out = torch.full_like(v, float("nan"))
     present = past.clone() if in_place else torch.full((B, Hv, Dk, Dv), float("nan"), device=v.device)
+    if ws_bytes is None:  # the size function answers 0 at 1-4 tokens (decode's): an explicit split call gets one chunk
+        ws_bytes = ops.linear_attention_workspace_size(B, max(T, ops.MAX_DECODE_TOKENS + 1), Hk, Hv, Dk, Dv)
+    workspace = torch.full((max(ws_bytes, 4) // 4,), float("nan"), device=v.device)
     p = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
     rc = ops.load_library().q3n_linear_attention_impl(
         p(q), p(k), p(v), p(present if in_place else past), p(decay), p(beta), p(out), p(present), B, T, Hk, Hv, Dk, Dv,
-        scale, ops.DTYPE_CODES[v.dtype], ops.LINEAR_ATTENTION_IMPLS[impl], ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        scale, ops.DTYPE_CODES[v.dtype], p(workspace), ws_bytes, ops.LINEAR_ATTENTION_IMPLS[impl],
+        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
     assert rc == 0, ops.status_message(rc)
     return out, present
 
@@ -138,10 +143,10 @@ def test_decode_speculative_tokens_equal_sequential_steps():
 
 
 @gpu
-@pytest.mark.parametrize("impl", ["chunk", "chunk_tc"])
+@pytest.mark.parametrize("impl", ["chunk", "chunk_tc", "chunk_split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("T", [1, 5, 63, 64, 65, 200, 700])
-@pytest.mark.parametrize("heads", [(16, 32, 128, 128), (2, 4, 128, 64)], ids=["80b", "hv4-dv64"])
+@pytest.mark.parametrize("heads", [(16, 32, 128, 128), (2, 4, 128, 64), (2, 6, 128, 96)], ids=["80b", "hv4-dv64", "hv6-dv96"])
 def test_chunk_kernel_matches_float64(impl, dtype, T, heads):
     Hk, Hv, Dk, Dv = heads
     B = 2
@@ -154,7 +159,7 @@ def test_chunk_kernel_matches_float64(impl, dtype, T, heads):
 
 
 @gpu
-@pytest.mark.parametrize("impl", ["chunk", "chunk_tc"])
+@pytest.mark.parametrize("impl", ["chunk", "chunk_tc", "chunk_split"])
 def test_chunk_kernel_long_sequence_against_simple_kernel(impl):
     """4096 tokens, weak decay (long memory): the chunked form and the token loop stay together."""
     Hk, Hv, Dk, Dv, B, T = 16, 32, 128, 128, 1, 4096
@@ -166,32 +171,73 @@ def test_chunk_kernel_long_sequence_against_simple_kernel(impl):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seg_chunks", [1, 3])
+@pytest.mark.parametrize("zero_past", [False, True])
+def test_chunk_split_in_segments(dtype, seg_chunks, zero_past):
+    """A workspace of 1 or 3 chunks' factors: 700 tokens (11 chunks) walked in segments, the state passing through
+    present_state between them (also from a NULL past state)."""
+    Hk, Hv, Dk, Dv, B, T = 2, 4, 128, 64, 3, 700
+    q, k, v, decay, beta, past = _gdn_inputs(B, T, Hk, Hv, Dk, Dv, seed=11 + seg_chunks, dtype=dtype)
+    past = None if zero_past else past
+    ws_bytes = B * Hv * seg_chunks * (2 * 64 * 64 + 64) * 4
+    out, state = _call_la(q, k, v, past, decay, beta, Hk, Hv, Dk**-0.5, "chunk_split", ws_bytes=ws_bytes)
+    ref_out, ref_state = _gdn_reference(q, k, v, past, decay, beta, Hk, Hv, Dk**-0.5)
+    assert_close(out, ref_out, dtype, f"split output, {seg_chunks}-chunk segments")
+    assert_close(state, ref_state, torch.float32, f"split state, {seg_chunks}-chunk segments")
+    out2, state2 = _call_la(q, k, v, past, decay, beta, Hk, Hv, Dk**-0.5, "chunk_split")  # one segment
+    assert rel_err(out, out2) < 1e-5 and rel_err(state, state2) < 1e-5
+
+
+@gpu
+def test_chunk_split_workspace_errors():
+    """The split prefill without a workspace that holds one chunk of factors, or misaligned: Q3N_ERR_WORKSPACE."""
+    ops = _ops()
+    q, k, v, decay, beta, past = _gdn_inputs(2, 70, 2, 4, 128, 128, seed=3, dtype=torch.float32)
+    one_chunk = 2 * 4 * (2 * 64 * 64 + 64) * 4
+    with pytest.raises(AssertionError, match="Q3N_ERR_WORKSPACE"):
+        _call_la(q, k, v, past, decay, beta, 2, 4, 0.1, "chunk_split", ws_bytes=one_chunk - 16)
+    with pytest.raises(AssertionError, match="Q3N_ERR_WORKSPACE"):
+        _call_la(q, k, v, past, decay, beta, 2, 4, 0.1, "chunk_split", ws_bytes=0)
+    p = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    ws = torch.empty(one_chunk + 64, dtype=torch.uint8, device="cuda")
+    out, present = torch.empty_like(v), torch.empty(2, 4, 128, 128, device="cuda")
+    rc = ops.load_library().q3n_linear_attention_impl(
+        p(q), p(k), p(v), p(past), p(decay), p(beta), p(out), p(present), 2, 70, 2, 4, 128, 128, 0.1, 0,
+        ctypes.c_void_p(ws.data_ptr() + 4), one_chunk, ops.LINEAR_ATTENTION_IMPLS["chunk_split"], None)
+    assert rc == -6, ops.status_message(rc)
+
+
+@gpu
 def test_linear_attention_dispatch():
-    """q3n_linear_attention (the plugins' entry point) picks decode for 1..4 tokens, chunk_tc beyond, simple otherwise."""
+    """q3n_linear_attention (the plugins' entry point) picks decode for 1..4 tokens, chunk_split beyond (chunk_tc when
+    the caller gives no workspace), simple otherwise."""
     ops = _ops()
     lib = ops.load_library()
     p = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
-    def plugin_entry(q, k, v, past, decay, beta, Hk, Hv):
+    def plugin_entry(q, k, v, past, decay, beta, Hk, Hv, workspace=True):
         B, T, _ = q.shape
         Dk, Dv = q.shape[-1] // Hk, v.shape[-1] // Hv
         out, present = torch.empty_like(v), torch.empty(B, Hv, Dk, Dv, device="cuda")
+        ws_bytes = lib.q3n_linear_attention_workspace_size(B, T, Hk, Hv, Dk, Dv) if workspace else 0
+        ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device="cuda")
         assert lib.q3n_linear_attention(p(q), p(k), p(v), p(past), p(decay), p(beta), p(out), p(present), B, T, Hk, Hv, Dk,
-                                        Dv, 0.1, 0, stream) == 0
+                                        Dv, 0.1, 0, p(ws) if workspace else None, ws_bytes, stream) == 0
         return out, present
 
-    for T, expect in [(3, "decode"), (100, "chunk_tc")]:
+    for T, expect, workspace in [(3, "decode", True), (100, "chunk_split", True), (100, "chunk_tc", False)]:
         args = _gdn_inputs(2, T, 2, 4, 128, 128, seed=T, dtype=torch.float32)
         q, k, v, decay, beta, past = args
-        got = plugin_entry(q, k, v, past, decay, beta, 2, 4)
+        got = plugin_entry(q, k, v, past, decay, beta, 2, 4, workspace)
         want = ops.linear_attention(q, k, v, past, decay, beta, 2, 4, 0.1, impl=expect)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), T
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (T, expect)
     q, k, v, decay, beta, past = _gdn_inputs(1, 3, 1, 3, 40, 72, seed=1, dtype=torch.float32)  # Dk 40: simple only
     got = plugin_entry(q, k, v, past, decay, beta, 1, 3)
     want = ops.linear_attention(q, k, v, past, decay, beta, 1, 3, 0.1, impl="simple")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    for impl in ("chunk", "chunk_tc", "decode"):
+    for impl in ("chunk", "chunk_tc", "chunk_split", "decode"):
         with pytest.raises(RuntimeError, match="Q3N_ERR_UNSUPPORTED"):
             ops.linear_attention(q, k, v, past, decay, beta, 1, 3, 0.1, impl=impl)
     q, k, v, decay, beta, past = _gdn_inputs(1, 5, 2, 4, 128, 128, seed=2, dtype=torch.float32)

@@ -23,8 +23,8 @@ import torch
 
 from qwen3next_trt.plugins import build
 
-EXPORTED = ("q3n_causal_conv_with_state", "q3n_linear_attention", "q3n_linear_attention_impl", "q3n_moe_workspace_size",
-            "q3n_moe", "q3n_moe_fp8", "q3n_moe_fp8_impl")
+EXPORTED = ("q3n_causal_conv_with_state", "q3n_linear_attention", "q3n_linear_attention_impl",
+            "q3n_linear_attention_workspace_size", "q3n_moe_workspace_size", "q3n_moe", "q3n_moe_fp8", "q3n_moe_fp8_impl")
 FP32_TOL = 1e-4
 EPS = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -115,7 +115,7 @@ def test_bad_arguments_return_documented_codes(plugin_library):
 
     la = lambda **kw: lib.q3n_linear_attention(  # noqa: E731
         FAKE, FAKE, FAKE, None, FAKE, FAKE, FAKE, FAKE, 1, 3, kw.get("hk", 2), kw.get("hv", 4), kw.get("dk", 128),
-        kw.get("dv", 128), 0.1, kw.get("dtype", 0), None)
+        kw.get("dv", 128), 0.1, kw.get("dtype", 0), None, 0, None)
     assert la(hv=5) == -2  # value heads not a multiple of key heads
     assert la(dk=257) == -5 and la(dv=512) == -5
     assert la(dtype=-1) == -3
@@ -139,14 +139,14 @@ def test_explicit_kernel_choice_arguments(plugin_library):
     (all decided before any launch, so this runs without a GPU)."""
     lib = _lib(plugin_library)
     la = lambda impl, seq=3, dk=128, dv=128: lib.q3n_linear_attention_impl(  # noqa: E731
-        FAKE, FAKE, FAKE, None, FAKE, FAKE, FAKE, FAKE, 1, seq, 2, 4, dk, dv, 0.1, 0, impl, None)
-    assert la(5) == -4 and la(-1) == -4
+        FAKE, FAKE, FAKE, None, FAKE, FAKE, FAKE, FAKE, 1, seq, 2, 4, dk, dv, 0.1, 0, FAKE, 1 << 30, impl, None)
+    assert la(6) == -4 and la(-1) == -4
     assert la(2, seq=5) == -5  # the decode kernel takes 1..4 tokens
     assert la(2, dk=64) == -5 and la(2, dv=48) == -5  # Dk = 128, Dv % 32 == 0 only
-    assert la(3, dk=64) == -5 and la(4, dk=64) == -5
+    assert la(3, dk=64) == -5 and la(4, dk=64) == -5 and la(5, dk=64) == -5 and la(5, dv=48) == -5
     assert la(2, dk=129) == -5 and la(1, dk=257) == -5  # simple kernel limits still apply
     assert lib.q3n_linear_attention_impl(FAKE, FAKE, FAKE, None, FAKE, FAKE, FAKE, ctypes.c_void_p(4096 + 4), 1, 3, 2, 4,
-                                         128, 128, 0.1, 0, 2, None) == -5  # state not 16-byte aligned
+                                         128, 128, 0.1, 0, None, 0, 2, None) == -5  # state not 16-byte aligned
 
     moe8 = lambda impl, hidden=2048, inter=512, experts=512, k=10: lib.q3n_moe_fp8_impl(  # noqa: E731
         FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, FAKE, 3, hidden, inter, experts, k, 1, 2, FAKE, 1 << 30, impl, None)
@@ -275,6 +275,24 @@ def _delta_rule_inputs(B, T, Hk, Hv, Dk, Dv, seed, dtype):
     return [t.to(dtype) for t in (q, k, v, decay, beta)] + [past]
 
 
+def test_linear_attention_workspace_size(plugin_library):
+    """The split prefill's factors: 64x64 M and P plus 64 G floats per (batch, value head, chunk of 64), the whole
+    sequence up to 128 MiB (at least one chunk). A plugin sizes it for its largest shapes and every smaller call
+    must fit in that: the size may only grow with batch and seq."""
+    lib = _lib(plugin_library)
+    size = lambda B, T, hv=32, dk=128, dv=128: lib.q3n_linear_attention_workspace_size(B, T, 16, hv, dk, dv)  # noqa: E731
+    per = (2 * 64 * 64 + 64) * 4
+    assert size(1, 100) == 2 * 32 * per and size(3, 64, hv=4) == 3 * 4 * per
+    assert size(1, 32768) == 128 << 20  # 512 chunks would take 516 MiB: segments
+    assert size(8192, 4096) == 8192 * 32 * per  # one chunk is more than the cap
+    assert size(1, 4) == 0 and size(2, 100, dk=64) == 0 and size(2, 100, dv=48) == 0  # decode / other kernels
+    grid = [(B, T) for B in (1, 2, 3, 5, 8, 31, 64, 255, 256) for T in (5, 64, 65, 1000, 4097, 32768, 262144)]
+    for (b1, t1) in grid:
+        for (b2, t2) in grid:
+            if b1 <= b2 and t1 <= t2:
+                assert size(b1, t1) <= size(b2, t2), ((b1, t1), (b2, t2))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", [(2, 4, 128, 128), (16, 32, 128, 128), (1, 3, 40, 72)], ids=lambda h: "hk%d-hv%d-dk%d-dv%d" % h)
@@ -312,7 +330,8 @@ def test_linear_attention_zero_past_and_in_place_state(plugin_library):
     out = torch.empty_like(dev[2])
     p = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = ops.load_library().q3n_linear_attention(p(dev[0]), p(dev[1]), p(dev[2]), p(state), p(dev[3]), p(dev[4]), p(out), p(state),
-                                                 B, T, Hk, Hv, Dk, Dv, Dk**-0.5, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                                                 B, T, Hk, Hv, Dk, Dv, Dk**-0.5, 0, None, 0,
+                                                 ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
     assert rc == 0
     assert_close(out.cpu(), out_ref, torch.float32, "output, in-place state")
     assert_close(state.cpu(), state_ref, torch.float32, "state, in-place")

@@ -1,18 +1,20 @@
 # One device call (device tool): GPU kernel tests + bench/kernels.py, logs under $OUT.
-# Run with carry [".whl"] (the FLA wheel):  bash bench/device/kernels_run.sh
+# Run with carry [".devicepack/fla"] (the FLA wheel and einops, copied there from a pip cache; .whl holds
+# the 244 MiB ONNX Runtime parts, more than one call carries):  bash bench/device/kernels_run.sh
+# TESTS="-k 'chunk or dispatch'" narrows the tests; SKIP_TESTS=1 skips them; PARTS="prefill" one bench part.
 # Each bench part runs in its own process, so a fault in one (or in a peer) cannot spoil the others.
 set -u
 export PYTHONUNBUFFERED=1
 date -u | tee $OUT/device.txt
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee -a $OUT/device.txt
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/fla_core-*.whl 2>&1 | tail -2
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $(ls .devicepack/fla/*.whl .whl/fla_core-*.whl 2>/dev/null) 2>&1 | tail -2
 # the project's stage folders as the package qwen3next_trt (what an editable install maps)
 mkdir -p /tmp/pkg && cp -r qwen3next_trt /tmp/pkg/ && for d in model export plugins engines validate; do ln -sfn $PWD/$d /tmp/pkg/qwen3next_trt/$d; done
 export PYTHONPATH=/tmp/pkg:/tmp/site
 python3 -P -c "from qwen3next_trt.plugins.build import library_path; print(library_path())" 2>&1 | tail -1
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== GPU kernel tests"
-  timeout ${TEST_TIMEOUT:-240} python3 -P -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf tests/test_fast_kernels.py tests/test_plugin_kernels.py > $OUT/gpu_tests.log 2>&1
+  eval timeout ${TEST_TIMEOUT:-240} python3 -P -m pytest -q -m gpu -p no:cacheprovider --tb=short -rf ${TESTS:-} tests/test_fast_kernels.py tests/test_plugin_kernels.py > $OUT/gpu_tests.log 2>&1
   tail -15 $OUT/gpu_tests.log
 fi
 echo "== bench"

@@ -22,7 +22,10 @@ int q3n_causal_conv_with_state(const void* x, const void* weight, const void* bi
                                int dtype, cudaStream_t stream);
 int q3n_linear_attention(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
                          const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
-                         int num_v_heads, int head_k_dim, int head_v_dim, float scale, int dtype, cudaStream_t stream);
+                         int num_v_heads, int head_k_dim, int head_v_dim, float scale, int dtype, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream);
+size_t q3n_linear_attention_workspace_size(int batch, int seq, int num_k_heads, int num_v_heads, int head_k_dim,
+                                           int head_v_dim);
 size_t q3n_moe_workspace_size(int tokens, int experts, int top_k, int hidden, int inter);
 int q3n_moe(const void* x, const void* router_logits, const void* fc1, const void* fc1_bias, const void* fc2,
             const void* fc2_bias, void* out, int tokens, int hidden, int inter, int experts, int top_k, int normalize,

@@ -34,18 +34,30 @@ def _validate(values):
     return None
 
 
+def _sizes(values, q_dims, v_dims):
+    B, T, qk = q_dims
+    hk, hv = values["q_num_heads"], values["kv_num_heads"]
+    return B, T, hk, hv, qk // hk, v_dims[-1] // hv
+
+
+def _workspace(values, inputs, outputs):
+    """The split prefill's factors, for the largest shapes (the size only grows with batch and seq)."""
+    from qwen3next_trt.plugins.torch_ops import load_library
+
+    return load_library().q3n_linear_attention_workspace_size(
+        *_sizes(values, [int(d) for d in inputs[0].max], [int(d) for d in inputs[2].max]))
+
+
 def _enqueue(values, input_desc, output_desc, inputs, outputs, workspace, stream, lib, trt):
     import ctypes
 
-    B, T, qk = dims(input_desc[0])
-    vdim = dims(input_desc[2])[-1]
-    hk, hv = values["q_num_heads"], values["kv_num_heads"]
-    dk, dv = qk // hk, vdim // hv
+    B, T, hk, hv, dk, dv = _sizes(values, dims(input_desc[0]), dims(input_desc[2]))
     scale = values["scale"] if values["scale"] > 0 else dk**-0.5
+    ws_bytes = lib.q3n_linear_attention_workspace_size(B, T, hk, hv, dk, dv)
     return lib.q3n_linear_attention(
         ptr(inputs[0]), ptr(inputs[1]), ptr(inputs[2]), ptr(inputs[3]), ptr(inputs[4]), ptr(inputs[5]),
         ptr(outputs[0]), ptr(outputs[1]), B, T, hk, hv, dk, dv, ctypes.c_float(scale),
-        dtype_code(trt, input_desc[0].type), ptr(stream),
+        dtype_code(trt, input_desc[0].type), ptr(workspace), ws_bytes, ptr(stream),
     )
 
 
@@ -62,6 +74,7 @@ SPEC = OpSpec(
     output_shapes=_shapes,
     output_dtypes=_dtypes,
     supports=_supports,
+    workspace=_workspace,
     enqueue=_enqueue,
     validate=_validate,
 )

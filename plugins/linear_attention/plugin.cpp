@@ -37,18 +37,34 @@ bool supports(int32_t pos, DynamicPluginTensorDesc const* io, int32_t nbIn, int3
     return isFloatType(io[pos].desc.type) && io[pos].desc.type == io[0].desc.type;
 }
 
-int32_t enqueue(Values const& v, PluginTensorDesc const* in, int32_t, PluginTensorDesc const*,
-                void const* const* inputs, void* const* outputs, void*, cudaStream_t stream) {
-    auto const& q = in[0].dims;
-    if (q.nbDims != 3 || in[2].dims.nbDims != 3) return -2;  // Q3N_ERR_BAD_SHAPE
+// batch, seq, head dims from the q / v dims; false when they do not split into the heads.
+struct Sizes {
+    int batch, seq, dk, dv;
+};
+bool sizesOf(Values const& v, nvinfer1::Dims const& q, nvinfer1::Dims const& val, Sizes& s) {
     int32_t hk = v.i("q_num_heads"), hv = v.i("kv_num_heads");
-    int64_t qk = q.d[2], vdim = in[2].dims.d[2];
-    if (qk % hk != 0 || vdim % hv != 0) return -2;
-    int dk = static_cast<int>(qk / hk), dv = static_cast<int>(vdim / hv);
-    float scale = v.f("scale") > 0.f ? v.f("scale") : 1.0f / std::sqrt(static_cast<float>(dk));
+    if (q.nbDims != 3 || val.nbDims != 3 || q.d[2] % hk != 0 || val.d[2] % hv != 0) return false;
+    s = {static_cast<int>(q.d[0]), static_cast<int>(q.d[1]), static_cast<int>(q.d[2] / hk), static_cast<int>(val.d[2] / hv)};
+    return true;
+}
+
+// The split prefill's factors, for the largest shapes (the size only grows with batch and seq).
+size_t workspace(Values const& v, DynamicPluginTensorDesc const* in, int32_t) {
+    Sizes s{};
+    if (!sizesOf(v, in[0].max, in[2].max, s)) return 0;
+    return q3n_linear_attention_workspace_size(s.batch, s.seq, v.i("q_num_heads"), v.i("kv_num_heads"), s.dk, s.dv);
+}
+
+int32_t enqueue(Values const& v, PluginTensorDesc const* in, int32_t, PluginTensorDesc const*,
+                void const* const* inputs, void* const* outputs, void* ws, cudaStream_t stream) {
+    Sizes s{};
+    if (!sizesOf(v, in[0].dims, in[2].dims, s)) return -2;  // Q3N_ERR_BAD_SHAPE
+    int32_t hk = v.i("q_num_heads"), hv = v.i("kv_num_heads");
+    float scale = v.f("scale") > 0.f ? v.f("scale") : 1.0f / std::sqrt(static_cast<float>(s.dk));
+    size_t bytes = q3n_linear_attention_workspace_size(s.batch, s.seq, hk, hv, s.dk, s.dv);
     return q3n_linear_attention(inputs[0], inputs[1], inputs[2], static_cast<float const*>(inputs[3]), inputs[4],
-                                inputs[5], outputs[0], static_cast<float*>(outputs[1]), static_cast<int>(q.d[0]),
-                                static_cast<int>(q.d[1]), hk, hv, dk, dv, scale, dtypeCode(in[0].type), stream);
+                                inputs[5], outputs[0], static_cast<float*>(outputs[1]), s.batch, s.seq, hk, hv, s.dk,
+                                s.dv, scale, dtypeCode(in[0].type), ws, bytes, stream);
 }
 
 FieldValue intField(int32_t i) { return FieldValue{Kind::kInt, i, 0.f, {}}; }
@@ -73,7 +89,7 @@ OpDef const& linearAttentionOp() {
         outputTypes,
         outputShapes,
         supports,
-        nullptr,
+        workspace,
         enqueue,
     };
     return op;

@@ -1,0 +1,548 @@
+// Split chunked prefill (Dk = 128, Dv a multiple of 32, sm_80+): the chunk algebra of chunk_tc_kernel
+// (fast.cuh) in two passes, so that the only work left in the sequential walk over chunks is the part
+// that needs the state.
+//
+// factor_kernel, parallel over (batch, value head, chunk): everything that depends on k, q, g, beta only.
+//     G = cumsum(g);  L_ij = beta_i e^(G_i-G_j) k_i.k_j (j<i);  M = (I + L)^-1 diag(beta)
+//     P_ij = scale e^(G_i-G_j) q_i.k_j (j<=i)
+//   M by forward substitution, one column per thread. M, P (64 x 64 float32) and G go to the workspace.
+// state_kernel, one block per (batch, value head, 32 state columns), the chunks in order:
+//     D = M (V - e^G (K S));  O = scale e^G (Q S) + P D;  S <- e^(G_last) S + K^T (e^(G_last-G) D)
+//   every product on mma.m16n8k8 TF32 with float32 accumulation; an operand tf32 does not hold exactly
+//   (the state, M, P, D; float32 k and q) is split into a tf32 high part and remainder and the cross
+//   products are summed (remainder x remainder dropped): float32-level accuracy, as the state is carried
+//   over the whole sequence. 16-bit k, q are exact in tf32 (10 mantissa bits at most). The next chunk's
+//   k, q, v, M, P, G are copied in with cp.async while the current chunk computes.
+// A sequence longer than the workspace holds is walked in segments (factor pass, then state pass, per
+// segment), the state passing through present_state between them.
+#pragma once
+
+#include <cstdint>
+
+#include "fast.cuh"
+
+namespace q3n_gdn {
+
+constexpr int kSplitC = kChunk;                                 // 64 tokens per chunk
+constexpr int kFactorFloats = 2 * kSplitC * kSplitC + kSplitC;  // M, P, G of one (batch, value head, chunk)
+constexpr size_t kFactorBytes = kFactorFloats * sizeof(float);
+// Workspace a plugin asks for at most (unless one chunk of factors for every (batch, head) needs more):
+// segments of this size keep the factor pass's grid large (>= 127 chunks x 32 heads at batch 1).
+constexpr size_t kSplitWorkspaceCap = size_t(128) << 20;
+constexpr int kFactorThreads = 128;
+constexpr int kStateThreads = 256;
+constexpr int kMPLd = kSplitC + 4;  // M, P row stride: A-fragment reads (4g + t) hit distinct banks
+constexpr int kColLd = kCols + 8;   // S, R, D, O row stride: B-fragment reads (8t + g) hit distinct banks
+
+// k / q rows in shared memory, as loaded (16-bit or float32): row strides of 68 and 132 words.
+template <typename T>
+constexpr int kRowLd = sizeof(T) == 2 ? kDk + 8 : kDk + 4;
+
+// ------------------------------------------------------------------------------------------------
+// tf32 mma and cp.async
+
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// m16n8k8 fragments split into a tf32 high part and remainder (A: rows g, g+8 x cols t, t+4; B: rows t,
+// t+4 x col g; g = lane / 4, t = lane % 4). kExact: the values are tf32 values (no remainder).
+struct FragA {
+    uint32_t hi[4], lo[4];
+};
+struct FragB {
+    uint32_t hi[2], lo[2];
+};
+__device__ __forceinline__ void split_tf32(float x, bool exact, uint32_t& hi, uint32_t& lo) {
+    hi = exact ? __float_as_uint(x) : tf32_bits(x);
+    lo = exact ? 0u : tf32_bits(x - __uint_as_float(hi));
+}
+template <bool kExact>
+__device__ __forceinline__ FragA frag_a(float a0, float a1, float a2, float a3) {
+    FragA f;
+    split_tf32(a0, kExact, f.hi[0], f.lo[0]);
+    split_tf32(a1, kExact, f.hi[1], f.lo[1]);
+    split_tf32(a2, kExact, f.hi[2], f.lo[2]);
+    split_tf32(a3, kExact, f.hi[3], f.lo[3]);
+    return f;
+}
+template <bool kExact>
+__device__ __forceinline__ FragB frag_b(float b0, float b1) {
+    FragB f;
+    split_tf32(b0, kExact, f.hi[0], f.lo[0]);
+    split_tf32(b1, kExact, f.hi[1], f.lo[1]);
+    return f;
+}
+
+// d[0] += Ah Bh, d[1] += Al Bh, d[2] += Ah Bl: one accumulator per pass, so the three products of a step
+// do not wait on each other (the kernels are latency-bound); sum3 adds them at the end.
+template <bool kAExact, bool kBExact>
+__device__ __forceinline__ void mma3(float d[3][4], const FragA& a, const FragB& b) {
+    mma_tf32(d[0], a.hi, b.hi);
+    if (!kAExact) mma_tf32(d[1], a.lo, b.hi);
+    if (!kBExact) mma_tf32(d[2], a.hi, b.lo);
+}
+__device__ __forceinline__ float sum3(const float d[3][4], int e) { return d[0][e] + (d[1][e] + d[2][e]); }
+
+// 16 bytes global -> shared, or 16 zero bytes when !valid (nothing is read from src then).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// The 64 k (or q) rows of a chunk into rows[64][kRowLd<T>]; rows past `valid` become zeros.
+template <typename T, int kThreads>
+__device__ __forceinline__ void copy_rows(T (*rows)[kRowLd<T>], const T* src, int64_t row0, int64_t row_stride,
+                                          int valid) {
+    constexpr int kVec = 16 / sizeof(T), kPerRow = kDk / kVec;
+    for (int idx = threadIdx.x; idx < kSplitC * kPerRow; idx += kThreads) {
+        const int i = idx / kPerRow, u = idx % kPerRow;
+        const bool ok = i < valid;
+        cp_async16(&rows[i][u * kVec], src + (ok ? row0 + i * row_stride : row0) + u * kVec, ok);
+    }
+}
+
+// Workspace offset (floats) of the factors of (batch b, value head h, chunk n of the segment).
+__device__ __forceinline__ int64_t factor_base(int b, int h, int n, int num_v_heads, int seg_chunks) {
+    return (((int64_t)b * num_v_heads + h) * seg_chunks + n) * kFactorFloats;
+}
+
+// ------------------------------------------------------------------------------------------------
+// factor pass
+
+template <typename T>
+struct FactorSmem {
+    T K[kSplitC][kRowLd<T>];
+    T Q[kSplitC][kRowLd<T>];
+    float L[kSplitC][kMPLd];
+    float P[kSplitC][kMPLd];
+    float G[kSplitC];
+    float bt[kSplitC];
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kFactorThreads) factor_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ decay, const T* __restrict__ beta,
+    float* __restrict__ ws, int seq, int num_k_heads, int num_v_heads, int chunk0, int seg_chunks, float scale) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    FactorSmem<T>& sm = *reinterpret_cast<FactorSmem<T>*>(smem_raw);
+    constexpr bool kExact = sizeof(T) == 2;
+    const int n = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int kh = h / (num_v_heads / num_k_heads);
+    const int t0 = (chunk0 + n) * kSplitC, valid = min(kSplitC, seq - t0);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+
+    const int64_t qk_stride = (int64_t)num_k_heads * kDk;
+    const int64_t row0 = ((int64_t)b * seq + t0) * qk_stride + (int64_t)kh * kDk;
+    copy_rows<T, kFactorThreads>(sm.K, k, row0, qk_stride, valid);
+    copy_rows<T, kFactorThreads>(sm.Q, q, row0, qk_stride, valid);
+    cp_async_commit();
+    if (warp == 0) {
+        // inclusive scan of g over the chunk, two tokens per lane; padded tokens: g = beta = 0
+        const int i0 = 2 * lane, i1 = 2 * lane + 1;
+        const int64_t gi = ((int64_t)b * seq + t0) * num_v_heads + h;
+        const float g0 = i0 < valid ? q3n::load(decay, gi + (int64_t)i0 * num_v_heads) : 0.f;
+        const float g1 = i1 < valid ? q3n::load(decay, gi + (int64_t)i1 * num_v_heads) : 0.f;
+        float run = g0 + g1;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float up = __shfl_up_sync(0xffffffffu, run, o);
+            if (lane >= o) run += up;
+        }
+        sm.G[i0] = run - g1;
+        sm.G[i1] = run;
+        sm.bt[i0] = i0 < valid ? q3n::load(beta, gi + (int64_t)i0 * num_v_heads) : 0.f;
+        sm.bt[i1] = i1 < valid ? q3n::load(beta, gi + (int64_t)i1 * num_v_heads) : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // K K^T (m-tile = warp) and Q K^T (m-tile = 3 - warp), lower n-tiles only: 10 tiles per warp.
+#pragma unroll 1
+    for (int job = 0; job < 2; ++job) {
+        const int mi = job == 0 ? warp : 3 - warp, tiles = 2 * mi + 2;
+        const T(*A)[kRowLd<T>] = job == 0 ? sm.K : sm.Q;
+        float acc[8][3][4] = {};
+#pragma unroll 2
+        for (int k0 = 0; k0 < kDk; k0 += 8) {
+            const int r = 16 * mi + g;
+            const FragA a = frag_a<kExact>(q3n::to_float(A[r][k0 + t]), q3n::to_float(A[r + 8][k0 + t]),
+                                           q3n::to_float(A[r][k0 + t + 4]), q3n::to_float(A[r + 8][k0 + t + 4]));
+#pragma unroll
+            for (int nj = 0; nj < 8; ++nj) {
+                if (nj < tiles)
+                    mma3<kExact, kExact>(acc[nj], a, frag_b<kExact>(q3n::to_float(sm.K[8 * nj + g][k0 + t]),
+                                                                    q3n::to_float(sm.K[8 * nj + g][k0 + t + 4])));
+            }
+        }
+#pragma unroll
+        for (int nj = 0; nj < 8; ++nj) {
+            if (nj >= tiles) continue;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = 16 * mi + g + (e >> 1) * 8, j = 8 * nj + 2 * t + (e & 1);
+                // G is non-increasing: e^(G_i - G_j) <= 1 only for j <= i, so mask before exp
+                const float dec = j <= i ? expf(sm.G[i] - sm.G[j]) : 0.f;
+                if (job == 0)
+                    sm.L[i][j] = j < i ? sm.bt[i] * dec * sum3(acc[nj], e) : 0.f;
+                else
+                    sm.P[i][j] = scale * dec * sum3(acc[nj], e);
+            }
+        }
+    }
+    __syncthreads();
+
+    float* f = ws + factor_base(b, h, n, num_v_heads, seg_chunks);
+    if (tid < kSplitC) {
+        // (I + L) X = I by forward substitution; thread c owns column c (x_j = 0 for j < c)
+        const int c = tid;
+        float x[kSplitC];
+#pragma unroll
+        for (int i = 0; i < kSplitC; ++i) {
+            float s[4] = {i == c ? 1.f : 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int j = 0; j < (i & ~3); j += 4) {
+                const float4 l4 = *reinterpret_cast<const float4*>(&sm.L[i][j]);
+                s[0] -= l4.x * x[j];
+                s[1] -= l4.y * x[j + 1];
+                s[2] -= l4.z * x[j + 2];
+                s[3] -= l4.w * x[j + 3];
+            }
+#pragma unroll
+            for (int j = i & ~3; j < i; ++j) s[j & 3] -= sm.L[i][j] * x[j];
+            x[i] = (s[0] + s[1]) + (s[2] + s[3]);
+        }
+        const float bc = sm.bt[c];
+#pragma unroll
+        for (int i = 0; i < kSplitC; ++i) f[i * kSplitC + c] = x[i] * bc;
+    } else {
+        // P (zeros above the diagonal) and G, as float4 rows
+        for (int idx = tid - kSplitC; idx < kSplitC * kSplitC / 4; idx += kFactorThreads - kSplitC) {
+            const int i = idx / (kSplitC / 4), j = (idx % (kSplitC / 4)) * 4;
+            float4 p4;
+            p4.x = j <= i ? sm.P[i][j] : 0.f;
+            p4.y = j + 1 <= i ? sm.P[i][j + 1] : 0.f;
+            p4.z = j + 2 <= i ? sm.P[i][j + 2] : 0.f;
+            p4.w = j + 3 <= i ? sm.P[i][j + 3] : 0.f;
+            *reinterpret_cast<float4*>(&f[kSplitC * kSplitC + i * kSplitC + j]) = p4;
+        }
+        if (tid - kSplitC < kSplitC) f[2 * kSplitC * kSplitC + tid - kSplitC] = sm.G[tid - kSplitC];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// state pass
+
+// M and P double-buffered when they fit (16-bit inputs): the next chunk's are then copied in from the
+// start of a chunk, not from after their last use.
+template <typename T>
+constexpr int kMPBufs = sizeof(T) == 2 ? 2 : 1;
+
+template <typename T>
+struct StateSmem {
+    T K[2][kSplitC][kRowLd<T>];  // double-buffered: the next chunk's k arrives while this one's is in use
+    T Q[kSplitC][kRowLd<T>];
+    float M[kMPBufs<T>][kSplitC][kMPLd];
+    float P[kMPBufs<T>][kSplitC][kMPLd];
+    T V[kSplitC][kCols + 8];
+    float G[2][kSplitC];
+    float wl[kSplitC];  // e^(G_last - G_i)
+    uint32_t Sh[kDk][kColLd];  // the state slice, split into tf32 high part and remainder (step 1's B);
+    uint32_t Sl[kDk][kColLd];  // the float32 state itself stays in the registers of its row-owner warp
+    float R[kSplitC][kColLd];  // V - e^G K S
+    float D[kSplitC][kColLd];  // deltas
+    float O[kSplitC][kColLd];  // scale e^G Q S -> outputs
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ ws,
+    T* __restrict__ out, const float* state_in, float* state_out, int seq, int num_k_heads, int num_v_heads,
+    int head_v_dim, int chunk0, int chunks, int seg_chunks, float scale) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    StateSmem<T>& sm = *reinterpret_cast<StateSmem<T>*>(smem_raw);
+    constexpr bool kExact = sizeof(T) == 2;
+    constexpr int kVec = 16 / sizeof(T);
+    const ChunkBlock cb(num_k_heads, num_v_heads, head_v_dim);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+
+    const auto t0_of = [&](int n) { return (chunk0 + n) * kSplitC; };
+    const auto valid_of = [&](int n) { return min(kSplitC, seq - t0_of(n)); };
+    const auto qk_row0 = [&](int n) { return ((int64_t)cb.b * seq + t0_of(n)) * cb.qk_stride + (int64_t)cb.kh * kDk; };
+    const auto factors = [&](int n) { return ws + factor_base(cb.b, cb.h, n, num_v_heads, seg_chunks); };
+    const auto copy_k = [&](int n) { copy_rows<T, kStateThreads>(sm.K[n & 1], k, qk_row0(n), cb.qk_stride, valid_of(n)); };
+    const auto copy_q = [&](int n) { copy_rows<T, kStateThreads>(sm.Q, q, qk_row0(n), cb.qk_stride, valid_of(n)); };
+    const auto copy_mat = [&](float (*dst)[kMPLd], const float* src) {
+        for (int idx = tid; idx < kSplitC * kSplitC / 4; idx += kStateThreads)
+            cp_async16(&dst[idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4], src + idx * 4, true);
+    };
+    const auto copy_vg = [&](int n) {
+        constexpr int kPerRow = kCols / kVec;
+        const int valid = valid_of(n);
+        for (int idx = tid; idx < kSplitC * kPerRow; idx += kStateThreads) {
+            const int i = idx / kPerRow, u = idx % kPerRow;
+            cp_async16(&sm.V[i][u * kVec], v + cb.v_off(seq, t0_of(n), i < valid ? i : 0) + u * kVec, i < valid);
+        }
+        if (tid < kSplitC / 4) cp_async16(&sm.G[n & 1][tid * 4], factors(n) + 2 * kSplitC * kSplitC + tid * 4, true);
+    };
+
+    // Warp w owns the state's n-tile w % 4 (8 columns) on m-tiles 4 (w / 4) .. 4 (w / 4) + 3 (64 rows), in
+    // C-fragment layout: s[j][e] is row 16 (4 (w / 4) + j) + g + 8 (e / 2), column 8 (w % 4) + 2t + e % 2.
+    // (One n-tile per warp: step 5's B operand, the deltas, is split once per warp for four m-tiles.)
+    const int s_nt = warp & 3, s_row0 = 64 * (warp >> 2) + g, s_col = 8 * s_nt + 2 * t;
+    float s[4][4];
+    const auto publish_state = [&]() {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+                split_tf32(s[j][e], false, sm.Sh[r][c], sm.Sl[r][c]);
+            }
+    };
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+            s[j][e] = state_in ? state_in[cb.state_base + (int64_t)r * cb.Dv + c] : 0.f;
+        }
+    publish_state();
+
+    // prologue: all of chunk 0, then chunk 1's k
+    copy_k(0);
+    copy_q(0);
+    copy_mat(sm.M[0], factors(0));
+    copy_mat(sm.P[0], factors(0) + kSplitC * kSplitC);
+    copy_vg(0);
+    cp_async_commit();
+    if (chunks > 1) copy_k(1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // Products with 64-row outputs: warp = (m-tile pair {0, 3} or {1, 2}: equal work under the causal
+    // masks) x one n-tile, the pair's two m-tiles interleaved in one k-loop.
+    const int pair_nt = warp & 3;
+    const int pm0 = (warp >> 2) == 0 ? 0 : 1, pm1 = 3 - pm0;
+
+#pragma unroll 1
+    for (int n = 0; n < chunks; ++n) {
+        const int kb = n & 1, mb = n % kMPBufs<T>;
+        const float* G = sm.G[kb];
+        const bool more = n + 1 < chunks;
+        if (kMPBufs<T> == 2 && more) {  // the buffers of chunk n - 1, free since its step 4
+            copy_mat(sm.M[mb ^ 1], factors(n + 1));
+            copy_mat(sm.P[mb ^ 1], factors(n + 1) + kSplitC * kSplitC);
+        }
+
+        // 1. [K; Q] S: warps 0-3 K rows 16w.., warps 4-7 Q rows 16(w-4)..
+        float acc[4][3][4] = {};
+        {
+            const T(*A)[kRowLd<T>] = warp < 4 ? sm.K[kb] : sm.Q;
+            const int r = 16 * (warp & 3) + g;
+#pragma unroll 4
+            for (int k0 = 0; k0 < kDk; k0 += 8) {
+                const FragA a = frag_a<kExact>(q3n::to_float(A[r][k0 + t]), q3n::to_float(A[r + 8][k0 + t]),
+                                               q3n::to_float(A[r][k0 + t + 4]), q3n::to_float(A[r + 8][k0 + t + 4]));
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    const int c = 8 * nt + g;
+                    const FragB b = {{sm.Sh[k0 + t][c], sm.Sh[k0 + t + 4][c]}, {sm.Sl[k0 + t][c], sm.Sl[k0 + t + 4][c]}};
+                    mma3<kExact, false>(acc[nt], a, b);
+                }
+            }
+        }
+        __syncthreads();
+        if (more) copy_q(n + 1);
+        cp_async_commit();
+
+        // 2. R = V - e^G K S (warps 0-3); O = scale e^G Q S (warps 4-7)
+        {
+            const int r0 = 16 * (warp & 3) + g;
+            const float e[2] = {expf(G[r0]), expf(G[r0 + 8])};
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int el = 0; el < 4; ++el) {
+                    const int i = r0 + (el >> 1) * 8, c = 8 * nt + 2 * t + (el & 1);
+                    if (warp < 4)
+                        sm.R[i][c] = q3n::to_float(sm.V[i][c]) - e[el >> 1] * sum3(acc[nt], el);
+                    else
+                        sm.O[i][c] = scale * e[el >> 1] * sum3(acc[nt], el);
+                }
+            if (tid < kSplitC) sm.wl[tid] = expf(G[kSplitC - 1] - G[tid]);
+        }
+        __syncthreads();
+        if (more) copy_vg(n + 1);
+        cp_async_commit();
+
+        // 3. D = M R, 4. O += P D (M, P lower triangular: m-tile mi needs k-steps 0 .. 2 mi + 1)
+        const auto lower_product = [&](const float (*A)[kMPLd], const float (*B)[kColLd], float d[2][3][4]) {
+            const int c = 8 * pair_nt + g;
+#pragma unroll
+            for (int ks = 0; ks < 8; ++ks) {
+                if (ks > 2 * pm1 + 1) break;
+                const int k0 = 8 * ks;
+                const FragB b = frag_b<false>(B[k0 + t][c], B[k0 + t + 4][c]);
+#pragma unroll
+                for (int p = 0; p < 2; ++p) {
+                    const int mi = p == 0 ? pm0 : pm1, r = 16 * mi + g;
+                    if (ks <= 2 * mi + 1)
+                        mma3<false, false>(d[p], frag_a<false>(A[r][k0 + t], A[r + 8][k0 + t], A[r][k0 + t + 4],
+                                                               A[r + 8][k0 + t + 4]), b);
+                }
+            }
+        };
+        {
+            float d[2][3][4] = {};
+            lower_product(sm.M[mb], sm.R, d);
+#pragma unroll
+            for (int p = 0; p < 2; ++p) {
+                const int r = 16 * (p == 0 ? pm0 : pm1) + g, c = 8 * pair_nt + 2 * t;
+                sm.D[r][c] = sum3(d[p], 0), sm.D[r][c + 1] = sum3(d[p], 1);
+                sm.D[r + 8][c] = sum3(d[p], 2), sm.D[r + 8][c + 1] = sum3(d[p], 3);
+            }
+        }
+        __syncthreads();
+        if (kMPBufs<T> == 1 && more) copy_mat(sm.M[0], factors(n + 1));
+        cp_async_commit();
+        {
+            float o[2][3][4] = {};
+            lower_product(sm.P[mb], sm.D, o);
+#pragma unroll
+            for (int p = 0; p < 2; ++p) {
+                const int r = 16 * (p == 0 ? pm0 : pm1) + g, c = 8 * pair_nt + 2 * t;
+                sm.O[r][c] += sum3(o[p], 0), sm.O[r][c + 1] += sum3(o[p], 1);
+                sm.O[r + 8][c] += sum3(o[p], 2), sm.O[r + 8][c + 1] += sum3(o[p], 3);
+            }
+        }
+        __syncthreads();
+        if (kMPBufs<T> == 1 && more) copy_mat(sm.P[0], factors(n + 1) + kSplitC * kSplitC);
+        cp_async_commit();
+
+        // outputs: 8 consecutive columns of one row per thread
+        {
+            const int i = tid / 4, c = (tid % 4) * 8;
+            if (i < valid_of(n)) {
+                T* dst = out + cb.v_off(seq, t0_of(n), i) + c;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) dst[e] = q3n::from_float<T>(sm.O[i][c + e]);
+            }
+        }
+
+        // 5. S <- e^(G_last) S + K^T (e^(G_last - G) D) on this warp's part of the state
+        {
+            const float e_last = expf(G[kSplitC - 1]);
+            float u[4][3][4] = {};
+            const T(*Kc)[kRowLd<T>] = sm.K[kb];
+            const int c = 8 * s_nt + g;
+#pragma unroll 2
+            for (int k0 = 0; k0 < kSplitC; k0 += 8) {
+                const FragB b = frag_b<false>(sm.wl[k0 + t] * sm.D[k0 + t][c], sm.wl[k0 + t + 4] * sm.D[k0 + t + 4][c]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int r = s_row0 + 16 * j;
+                    mma3<kExact, false>(u[j], frag_a<kExact>(q3n::to_float(Kc[k0 + t][r]), q3n::to_float(Kc[k0 + t][r + 8]),
+                                                             q3n::to_float(Kc[k0 + t + 4][r]), q3n::to_float(Kc[k0 + t + 4][r + 8])), b);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] = e_last * s[j][e] + sum3(u[j], e);
+            publish_state();
+        }
+        __syncthreads();
+        if (n + 2 < chunks) copy_k(n + 2);
+        cp_async_commit();
+        cp_async_wait<1>();  // all of chunk n + 1 has landed (only the k of chunk n + 2 may be in flight)
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+            state_out[cb.state_base + (int64_t)r * cb.Dv + c] = s[j][e];
+        }
+}
+
+// ------------------------------------------------------------------------------------------------
+// host side
+
+// Chunks per segment that `workspace_bytes` holds (0: not even one).
+inline int split_segment_chunks(size_t workspace_bytes, int batch, int num_v_heads, int chunks) {
+    const size_t per_chunk = (size_t)batch * num_v_heads * kFactorBytes;
+    const size_t fit = workspace_bytes / per_chunk;
+    return (int)(fit < (size_t)chunks ? fit : (size_t)chunks);
+}
+
+// What a caller should provide: the whole sequence's factors up to kSplitWorkspaceCap, or one chunk of
+// them when that alone is larger. min(all, max(one, cap)) grows with batch and seq, so a workspace sized
+// for a plugin's largest shapes also holds what any smaller call asks for.
+inline size_t split_workspace_size(int batch, int seq, int num_v_heads) {
+    if (batch <= 0 || seq <= 0) return 0;
+    const size_t per_chunk = (size_t)batch * num_v_heads * kFactorBytes;
+    const size_t all = (size_t)((seq + kSplitC - 1) / kSplitC) * per_chunk;
+    const size_t most = per_chunk > kSplitWorkspaceCap ? per_chunk : kSplitWorkspaceCap;
+    return all < most ? all : most;
+}
+
+template <typename T>
+constexpr size_t kFactorSmemBytes = sizeof(FactorSmem<T>);
+template <typename T>
+constexpr size_t kStateSmemBytes = sizeof(StateSmem<T>);
+constexpr size_t kSplitSmemBytes = sizeof(StateSmem<float>);  // the largest of either kernel and dtype
+
+template <typename T>
+int launch_split(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
+                 const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
+                 int num_v_heads, int head_v_dim, float scale, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream) {
+    const int chunks = (seq + kSplitC - 1) / kSplitC;
+    const int seg = split_segment_chunks(workspace_bytes, batch, num_v_heads, chunks);
+    if (seg < 1) return Q3N_ERR_WORKSPACE;
+    cudaError_t err = cudaFuncSetAttribute(factor_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)kFactorSmemBytes<T>);
+    if (err == cudaSuccess)
+        err = cudaFuncSetAttribute(state_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kStateSmemBytes<T>);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return static_cast<int>(err);
+    }
+    const T* qt = static_cast<const T*>(q);
+    const T* kt = static_cast<const T*>(k);
+    float* ws = static_cast<float*>(workspace);
+    const int state_blocks = batch * num_v_heads * (head_v_dim / kCols);
+    for (int c0 = 0; c0 < chunks; c0 += seg) {
+        const int n = chunks - c0 < seg ? chunks - c0 : seg;
+        factor_kernel<T><<<dim3(n, num_v_heads, batch), kFactorThreads, kFactorSmemBytes<T>, stream>>>(
+            qt, kt, static_cast<const T*>(decay), static_cast<const T*>(beta), ws, seq, num_k_heads, num_v_heads, c0,
+            seg, scale);
+        state_kernel<T><<<state_blocks, kStateThreads, kStateSmemBytes<T>, stream>>>(
+            qt, kt, static_cast<const T*>(v), ws, static_cast<T*>(out), c0 == 0 ? past_state : present_state,
+            present_state, seq, num_k_heads, num_v_heads, head_v_dim, c0, n, seg, scale);
+        const int rc = q3n::launch_status();
+        if (rc != Q3N_OK) return rc;
+    }
+    return Q3N_OK;
+}
+
+}  // namespace q3n_gdn
