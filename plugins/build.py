@@ -100,29 +100,21 @@ def _default_progress(message: str) -> None:
 
 
 def compile_library(out: Path, progress: Callable[[str], None] | None = None) -> Path:
-    """Compile every plugins/*/kernel.cu into `out` (via a temporary file in out's folder)."""
+    """Link the kernel objects (kernel_objects: plugins/*/kernel.cu, compiled once per source hash and shared
+    with the C++ plugin library) into `out`, via a temporary file in out's folder."""
     progress = progress or _default_progress
-    nvcc = _nvcc()
-    sources = kernel_sources()
     out.parent.mkdir(parents=True, exist_ok=True)
+    objects = kernel_objects(progress)
     fd, tmp = tempfile.mkstemp(prefix=f".{LIBRARY_NAME}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    cmd = [str(nvcc), *NVCC_FLAGS, *(str(s) for s in sources), "-o", tmp]
-    progress(f"compiling plugin library (nvcc, {len(sources)} files, {len(ARCHS)} archs: {', '.join(ARCHS)}) ...")
-    start = time.perf_counter()
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise PluginBuildError(
-                f"nvcc failed (exit {result.returncode}) building {LIBRARY_NAME}\n"
-                f"command: {' '.join(cmd)}\n{result.stderr.strip() or result.stdout.strip()}"
-            )
+        _run([str(_nvcc()), *NVCC_FLAGS, *(str(o) for o in objects), "-o", tmp], f"linking {LIBRARY_NAME} (nvcc)")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    progress(f"compiling plugin library ... done in {time.perf_counter() - start:.1f} s: {out}")
+    progress(f"plugin library ready (nvcc, {len(objects)} kernel files, {len(ARCHS)} archs: {', '.join(ARCHS)}): {out}")
     return out
 
 

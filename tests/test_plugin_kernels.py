@@ -50,9 +50,11 @@ def plugin_library(tmp_path_factory):
 def test_library_builds_for_all_archs_and_exports_the_abi(plugin_library):
     path, messages = plugin_library
     assert path.name == build.LIBRARY_NAME and path.parent.name == build.source_hash()
-    assert any("compiling plugin library" in m and "4 archs" in m for m in messages)
+    assert sum("compiling" in m and "kernel.cu (nvcc, 4 archs)" in m for m in messages) == len(build.kernel_sources())
     assert any(re.search(r"done in [0-9.]+ s", m) for m in messages)
-    assert [p.name for p in path.parent.iterdir()] == [build.LIBRARY_NAME], "temporary files left behind"
+    # the library, and the kernel objects it was linked from (the C++ plugin library links the same ones)
+    assert sorted(p.name for p in path.parent.iterdir()) == [build.LIBRARY_NAME, "objects"], "temporary files left behind"
+    assert sorted(p.name for p in (path.parent / "objects").iterdir()) == sorted(f"{s.parent.name}.o" for s in build.kernel_sources())
     assert build.library_path(build=False) == path  # cached now: no second compile
     assert build.library_hash() == hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -182,14 +184,17 @@ def test_missing_nvcc_is_named(monkeypatch, tmp_path):
 def test_compile_error_shows_nvcc_output_and_leaves_nothing(monkeypatch, tmp_path):
     if build.find_cuda_tool("nvcc") is None:
         pytest.skip("nvcc not found in PATH or $CUDA_HOME/bin")
-    bad = tmp_path / "broken" / "kernel.cu"
-    bad.parent.mkdir()
+    bad = tmp_path / "plugins" / "broken" / "kernel.cu"
+    bad.parent.mkdir(parents=True)
     bad.write_text("__global__ void k() { this_is_not_declared(); }\n")
+    monkeypatch.setattr(build, "PLUGIN_DIR", bad.parent.parent)  # a plugin folder with only the broken kernel
     monkeypatch.setattr(build, "kernel_sources", lambda: [bad])
+    monkeypatch.setenv("QWEN3NEXT_TRT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out" / build.LIBRARY_NAME
-    with pytest.raises(build.PluginBuildError, match=r"(?s)nvcc failed.*this_is_not_declared"):
+    with pytest.raises(build.PluginBuildError, match=r"(?s)nvcc broken/kernel.cu failed.*this_is_not_declared"):
         build.compile_library(out, progress=lambda m: None)
     assert list(out.parent.iterdir()) == []
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no object, no temporary file
 
 
 # ------------------------------------------------------------------------------------------------
