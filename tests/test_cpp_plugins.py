@@ -297,6 +297,12 @@ def test_workspace_sizes(harness):
     assert create(harness, "LinearAttention", VALID["LinearAttention"])["ok"]
     la_shapes = ["3x100x256", "3x100x256", "3x100x512", "3x4x128x128", "3x100x4", "3x100x4"]
     assert harness("workspace " + " ".join(la_shapes))["bytes"] == 3 * 4 * 2 * (2 * 64 * 64 + 64) * 4
+    # the Python plugins (plugins/*/binding.py) ask for the same bytes as their C++ twins
+    for op, shapes in (("LinearAttention", la_shapes), ("MoE", SHAPES["MoE"]), ("CausalConvWithState", SHAPES["CausalConvWithState"])):
+        assert create(harness, op, VALID[op])["ok"]
+        values = {f.name: VALID[op].get(f.name, f.default) for f in SPECS[op].fields}
+        descs = [types.SimpleNamespace(max=[int(d) for d in s.split("x")]) for s in shapes]
+        assert SPECS[op].workspace(values, descs, []) == harness("workspace " + " ".join(shapes))["bytes"], op
 
 
 def selfreg(tools, library, runtime, *more):
