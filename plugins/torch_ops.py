@@ -167,8 +167,7 @@ def linear_attention(q, k, v, past_state, decay, beta, q_num_heads: int, kv_num_
         past_state = _prepare("past_state", past_state, dev, None, (B, Hv, Dk, Dv)).float().contiguous()
     out = torch.empty_like(v)
     present = torch.empty(B, Hv, Dk, Dv, dtype=torch.float32, device=dev)
-    # The size function answers 0 at 1-4 tokens (the decode kernel's); an explicit split call there gets one chunk.
-    ws_bytes = linear_attention_workspace_size(B, max(T, MAX_DECODE_TOKENS + 1) if impl == "chunk_split" else T, Hk, Hv, Dk, Dv)
+    ws_bytes = linear_attention_workspace_size(B, T, Hk, Hv, Dk, Dv, impl)
     workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=dev)
     with torch.cuda.device(dev):
         rc = load_library().q3n_linear_attention_impl(
@@ -179,7 +178,11 @@ def linear_attention(q, k, v, past_state, decay, beta, q_num_heads: int, kv_num_
 
 
 def linear_attention_workspace_size(batch: int, seq: int, q_num_heads: int, kv_num_heads: int, head_k_dim: int,
-                                    head_v_dim: int) -> int:
+                                    head_v_dim: int, impl: str = "auto") -> int:
+    """The workspace a call asks for. The C function answers 0 at 1-4 tokens (the decode kernel's calls); an
+    explicit "chunk_split" there gets one chunk's factors."""
+    if impl == "chunk_split":
+        seq = max(seq, MAX_DECODE_TOKENS + 1)
     return int(load_library().q3n_linear_attention_workspace_size(batch, seq, q_num_heads, kv_num_heads, head_k_dim,
                                                                     head_v_dim))
 

@@ -82,8 +82,8 @@ def _call_la(q, k, v, past, decay, beta, Hk, Hv, scale, impl, in_place=False, ws
     Dk, Dv = q.shape[-1] // Hk, v.shape[-1] // Hv
     out = torch.full_like(v, float("nan"))
     present = past.clone() if in_place else torch.full((B, Hv, Dk, Dv), float("nan"), device=v.device)
-    if ws_bytes is None:  # the size function answers 0 at 1-4 tokens (decode's): an explicit split call gets one chunk
-        ws_bytes = ops.linear_attention_workspace_size(B, max(T, ops.MAX_DECODE_TOKENS + 1), Hk, Hv, Dk, Dv)
+    if ws_bytes is None:
+        ws_bytes = ops.linear_attention_workspace_size(B, T, Hk, Hv, Dk, Dv, impl)
     workspace = torch.full((max(ws_bytes, 4) // 4,), float("nan"), device=v.device)
     p = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
     rc = ops.load_library().q3n_linear_attention_impl(
