@@ -9,7 +9,8 @@ plugin dispatches to), the same on CUDA cores, and the simple token loop),
 decode (batch 1/32/256 x 1..4 tokens per call: the fused decode kernel; the simple kernel at 1 token),
 MoE FP8 (1/8/64/1024/4096 tokens: the decode fast path, the grouped-GEMM prefill path from 1024 tokens,
 and the simple GEMVs), bf16 activations. Peers: FLA's
-Triton kernels when `fla` imports, else the PyTorch reference on the GPU (chunked scan / expert loop).
+Triton kernels when `fla` imports, else the PyTorch reference on the GPU (chunked scan / expert loop); for
+prefill also FlashQLA (`flash_qla`, TileLang kernels; bench/device/peers_pack.sh carries it) as "peer 2".
 
 Timing: small calls are captured R times into one CUDA graph (R input sets, rotated, so that repeated
 calls do not re-read their bytes from the 50 MB L2 as a real decode step would not: decode states,
@@ -124,6 +125,38 @@ def try_fla():
         return str(e).splitlines()[0][:100]
 
 
+def try_flashqla():
+    """FlashQLA's forward (Qwen's TileLang kernels; GVA heads native) and its name, or why it is not there."""
+    try:
+        import flash_qla
+        from flash_qla import chunk_gated_delta_rule_fwd
+
+        return chunk_gated_delta_rule_fwd, f"FlashQLA {flash_qla.__version__} chunk_gated_delta_rule_fwd"
+    except Exception as e:  # noqa: BLE001 - a missing or broken peer is reported, not fatal
+        return (str(e).splitlines() or [type(e).__name__])[0][:100]
+
+
+def flashqla_peer(fqla, sets, B, T, ref_out) -> dict:
+    """The second prefill peer's fields for a row: FlashQLA on the same input sets (its auto intra-card
+    context parallelism on, as shipped), or the reason it did not run."""
+    if isinstance(fqla, str):
+        return {"peer2": f"FlashQLA (not run: {fqla})"}
+    fn, name = fqla
+
+    def call(a):
+        q, k, v, s0, decay, beta = a
+        return lambda: fn(q.view(B, T, HK, D), k.view(B, T, HK, D), v.view(B, T, HV, D), decay.float(), beta,
+                          scale=D**-0.5, initial_state=s0, output_final_state=True)
+
+    try:
+        out = call(sets[0])()[2]
+        ms, method = timed_calls([call(a) for a in sets], reps=5 if T > 4096 else 20)
+        return {"peer2": name, "peer2_ms": ms, "peer2_timing": method,
+                "peer2_rel_err_out": rel_err(out.float().reshape(ref_out.shape), ref_out)}
+    except Exception as e:  # noqa: BLE001
+        return {"peer2": f"{name} (failed: {(str(e).splitlines() or [type(e).__name__])[0][:80]})"}
+
+
 def gdn_inputs(B, T, g):
     q = torch.nn.functional.normalize(torch.randn(B, T, HK, D, generator=g), dim=-1).reshape(B, T, HK * D)
     k = torch.nn.functional.normalize(torch.randn(B, T, HK, D, generator=g), dim=-1).reshape(B, T, HK * D)
@@ -143,7 +176,7 @@ def gdn_copies(q, k, v, s0, decay, beta, copies):
     return sets
 
 
-def gdn_rows(rates, fla, quick, part):
+def gdn_rows(rates, fla, quick, part, fqla="not asked"):
     g = torch.Generator().manual_seed(0)
     rows = []
     prefill = [(1, 4096), (1, 32768), (4, 8192)] if not quick else [(1, 4096)]
@@ -187,6 +220,14 @@ def gdn_rows(rates, fla, quick, part):
                          "state_bandwidth_fraction": (state_bytes / t / 1e6 / rates["copy_GBps"]) if T <= 4 else None,
                          "rel_err_out": rel_err(out.float(), ref_out), "rel_err_state": rel_err(state, ref_state)})
             print_row(rows[-1])
+        if T > 4:
+            # after ours, so that a fault in the peer cannot cost our rows of this shape
+            peer2 = flashqla_peer(fqla, sets, B, T, ref_out)
+            first = len(rows) - len(impls)
+            for r in rows[first:]:
+                r.update(peer2, **({"ratio_to_peer2": r["ms"] / peer2["peer2_ms"]} if "peer2_ms" in peer2 else {}))
+            print(f"  peer 2: {peer2['peer2']}" + (f" {peer2['peer2_ms']:.4f} ms [{peer2['peer2_timing']}], rel err "
+                                                   f"{peer2['peer2_rel_err_out']:.1e}" if "peer2_ms" in peer2 else ""), flush=True)
         del sets
         torch.cuda.empty_cache()
     return rows
@@ -405,14 +446,22 @@ def print_row(r):
 
 
 def print_table(rows):
-    print("\n| kernel | shape | ours ms | peer | peer ms | ours/peer | floor ms | % of floor | rel err | peer rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    second = any("peer2" in r for r in rows)
+    print("\n| kernel | shape | ours ms | peer | peer ms | ours/peer | floor ms | % of floor | rel err | peer rel err |"
+          + (" peer 2 | peer 2 ms | ours/peer 2 | peer 2 rel err |" if second else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if second else ""))
     for r in rows:
         peer = f"{r['peer_ms']:.4f} ({r.get('peer_timing')})" if r.get("peer_ms") else "-"
         ratio = f"{r['ratio_to_peer']:.2f}x" if r.get("ratio_to_peer") else "-"
         peer_err = f"{r['peer_rel_err_out']:.1e}" if r.get("peer_rel_err_out") is not None else "-"
-        print(f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {r.get('peer') or '-'} | {peer} | {ratio} | {r['floor_ms']:.4f} | "
-              f"{r['floor_ms'] / r['ms']:.0%} | {r['rel_err_out']:.1e} | {peer_err} |")
+        line = (f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {r.get('peer') or '-'} | {peer} | {ratio} | {r['floor_ms']:.4f} | "
+                f"{r['floor_ms'] / r['ms']:.0%} | {r['rel_err_out']:.1e} | {peer_err} |")
+        if second:
+            p2 = f"{r['peer2_ms']:.4f} ({r.get('peer2_timing')})" if r.get("peer2_ms") else "-"
+            r2 = f"{r['ratio_to_peer2']:.2f}x" if r.get("ratio_to_peer2") else "-"
+            e2 = f"{r['peer2_rel_err_out']:.1e}" if r.get("peer2_rel_err_out") is not None else "-"
+            line += f" {r.get('peer2') or '-'} | {p2} | {r2} | {e2} |"
+        print(line)
 
 
 def main():
@@ -436,9 +485,11 @@ def main():
                             capture_output=True, text=True).stdout.strip()
     rates = machine_rates()
     fla = try_fla()
+    fqla = try_flashqla() if args.only in (None, "prefill") and args.peer is None else "not asked"
     print(f"{name} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), clocks sm/max/mem {clocks}; "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; copy {rates['copy_GBps']:.0f} GB/s, "
-          f"bf16 matmul {rates['bf16_TFLOPs']:.0f} TFLOP/s; FLA: {'yes' if not isinstance(fla, str) else 'no (' + fla + ')'}")
+          f"bf16 matmul {rates['bf16_TFLOPs']:.0f} TFLOP/s; FLA: {'yes' if not isinstance(fla, str) else 'no (' + fla + ')'}"
+          + (f"; FlashQLA: {'yes' if not isinstance(fqla, str) else 'no (' + fqla + ')'}" if fqla != "not asked" else ""))
     rows = []
     for part in ("decode", "prefill", "moe"):
         if args.only not in (None, part):
@@ -446,7 +497,7 @@ def main():
         if args.peer == "ort":
             rows += ort_moe_rows(rates) if part == "moe" else ort_gdn_rows(rates, part)
         else:
-            rows += moe_rows(rates, args.quick) if part == "moe" else gdn_rows(rates, fla, args.quick, part)
+            rows += moe_rows(rates, args.quick) if part == "moe" else gdn_rows(rates, fla, args.quick, part, fqla)
     print_table(rows)
     out = Path(args.out or f"bench/results/kernels-{name.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
