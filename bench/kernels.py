@@ -116,13 +116,19 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / max(b.norm(), 1e-30))
 
 
+def why(e: Exception, n: int) -> str:
+    """A failure's reason for a row: the first line of its message (or its type), at most n characters."""
+    text = str(e).strip()
+    return text.splitlines()[0][:n] if text else type(e).__name__
+
+
 def try_fla():
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
         return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     except Exception as e:  # noqa: BLE001
-        return str(e).splitlines()[0][:100]
+        return why(e, 100)
 
 
 def try_flashqla():
@@ -133,7 +139,7 @@ def try_flashqla():
 
         return chunk_gated_delta_rule_fwd, f"FlashQLA {flash_qla.__version__} chunk_gated_delta_rule_fwd"
     except Exception as e:  # noqa: BLE001 - a missing or broken peer is reported, not fatal
-        return (str(e).splitlines() or [type(e).__name__])[0][:100]
+        return why(e, 100)
 
 
 def flashqla_peer(fqla, sets, B, T, ref_out) -> dict:
@@ -154,7 +160,7 @@ def flashqla_peer(fqla, sets, B, T, ref_out) -> dict:
         return {"peer2": name, "peer2_ms": ms, "peer2_timing": method,
                 "peer2_rel_err_out": rel_err(out.float().reshape(ref_out.shape), ref_out)}
     except Exception as e:  # noqa: BLE001
-        return {"peer2": f"{name} (failed: {(str(e).splitlines() or [type(e).__name__])[0][:80]})"}
+        return {"peer2": f"{name} (failed: {why(e, 80)})"}
 
 
 def gdn_inputs(B, T, g):
@@ -205,7 +211,7 @@ def gdn_rows(rates, fla, quick, part, fqla="not asked"):
             try:
                 peer_ms, peer_method = timed_calls([fla_call(a) for a in sets], reps=5 if T > 4096 else 20)
             except Exception as e:  # noqa: BLE001
-                peer_name += f" (failed: {str(e).splitlines()[0][:80]})"
+                peer_name += f" (failed: {why(e, 80)})"
         elif T <= 8192:
             peer_ms, peer_method = timed_calls([lambda: reference_scan(q.float(), k.float(), v.float(), s0, decay.float(), beta.float(), HK, HV, D**-0.5)], reps=3, graph=False)
         kernel = "GDN decode" if T <= 4 else "GDN prefill"
@@ -347,8 +353,7 @@ def ort_timed(model: bytes, calls: list, reps: int) -> tuple[float | None, str, 
             return ms / len(calls), "ort-graph" if graph else "events", note
         except Exception as e:  # noqa: BLE001 - the provider's reason goes into the row
             torch.cuda.synchronize()
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            note = f"{'CUDA graph' if graph else 'run'} refused: {msg}"
+            note = f"{'CUDA graph' if graph else 'run'} refused: {why(e, 200)}"
     return None, "failed", note
 
 
@@ -445,23 +450,24 @@ def print_row(r):
           f"({r['floor_ms'] / r['ms']:.0%} of it)  peer {peer:<24}  rel err {r['rel_err_out']:.1e}{extra}", flush=True)
 
 
+def peer_cells(r, key: str) -> list[str]:
+    """A row's table cells for one peer (key "peer" or "peer2"): name, ms (timing), ours/peer, its rel err."""
+    return [r.get(key) or "-",
+            f"{r[key + '_ms']:.4f} ({r.get(key + '_timing')})" if r.get(key + "_ms") else "-",
+            f"{r['ratio_to_' + key]:.2f}x" if r.get("ratio_to_" + key) else "-",
+            f"{r[key + '_rel_err_out']:.1e}" if r.get(key + "_rel_err_out") is not None else "-"]
+
+
 def print_table(rows):
     second = any("peer2" in r for r in rows)
     print("\n| kernel | shape | ours ms | peer | peer ms | ours/peer | floor ms | % of floor | rel err | peer rel err |"
           + (" peer 2 | peer 2 ms | ours/peer 2 | peer 2 rel err |" if second else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if second else ""))
     for r in rows:
-        peer = f"{r['peer_ms']:.4f} ({r.get('peer_timing')})" if r.get("peer_ms") else "-"
-        ratio = f"{r['ratio_to_peer']:.2f}x" if r.get("ratio_to_peer") else "-"
-        peer_err = f"{r['peer_rel_err_out']:.1e}" if r.get("peer_rel_err_out") is not None else "-"
-        line = (f"| {r['kernel']} | {r['shape']} | {r['ms']:.4f} | {r.get('peer') or '-'} | {peer} | {ratio} | {r['floor_ms']:.4f} | "
-                f"{r['floor_ms'] / r['ms']:.0%} | {r['rel_err_out']:.1e} | {peer_err} |")
-        if second:
-            p2 = f"{r['peer2_ms']:.4f} ({r.get('peer2_timing')})" if r.get("peer2_ms") else "-"
-            r2 = f"{r['ratio_to_peer2']:.2f}x" if r.get("ratio_to_peer2") else "-"
-            e2 = f"{r['peer2_rel_err_out']:.1e}" if r.get("peer2_rel_err_out") is not None else "-"
-            line += f" {r.get('peer2') or '-'} | {p2} | {r2} | {e2} |"
-        print(line)
+        name, ms, ratio, err = peer_cells(r, "peer")
+        cells = [r["kernel"], r["shape"], f"{r['ms']:.4f}", name, ms, ratio, f"{r['floor_ms']:.4f}",
+                 f"{r['floor_ms'] / r['ms']:.0%}", f"{r['rel_err_out']:.1e}", err] + (peer_cells(r, "peer2") if second else [])
+        print("| " + " | ".join(cells) + " |")
 
 
 def main():
