@@ -278,7 +278,7 @@ def moe_rows(rates, quick):
         act_bytes = n * (2 * H * 2 + E * 2)
         flops = n * TOPK * 3 * 2 * H * INTER
         floor = max((weight_bytes + act_bytes) / rates["copy_GBps"] / 1e6, flops / rates["bf16_TFLOPs"] / 1e9)
-        # each path forced (auto takes prefill from 4 pairs per expert: 205 tokens here)
+        # each path forced (auto takes prefill from 2 pairs per expert: 103 tokens here)
         impls = (("fast", "fast"),) + ((("prefill", "prefill"),) if n >= 1024 else ()) + (("simple", "simple"),)
         for impl, label in impls:
             out = call(impl, xs[0], ls[0])()

@@ -351,6 +351,27 @@ def test_moe_fp8_prefill_matches_float64(dtype, N):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_moe_fp8_prefill_rows_of_any_magnitude(dtype):
+    """Token rows scaled from 1e-12 to 1e4: the GEMM scales each activation row into fp16's range by a power
+    of two, so every row keeps its relative precision (the 1e-12 rows' SwiGLU outputs, ~1e-24, reach fc2
+    scaled too). fp16 rows span 1e-2 .. 30 only: the output is fp16 too and goes as f^2 for small rows
+    (SwiGLU), so 1e-3 rows would give subnormal outputs and 1e-6 rows zeros, whatever the kernel did."""
+    ops = _ops()
+    N, E, k, H, I = 1024, 64, 4, 512, 256
+    x, logits, fc1, scale1, fc2, scale2 = _fp8_moe_case(N, E, k, H, I, seed=31, dtype=torch.float32)
+    factors = [1e-2, 1e-1, 1.0, 30.0] if dtype == torch.float16 else [1e-12, 1e-6, 1.0, 1e4]
+    x = (x * torch.tensor(factors, device=x.device).repeat(N // 4)[:, None]).to(dtype)
+    case = (x, logits.to(dtype), fc1, scale1, fc2, scale2)
+    out = ops.moe_fp8(*case, k, 1, impl="prefill")
+    ref = _fp8_moe_reference(*case, k, 1)
+    assert not torch.isnan(out).any() and not torch.isinf(out).any()
+    for i, f in enumerate(factors):  # relative, per magnitude: each group's outputs scale with f (or f^2)
+        err = rel_err(out[i::4], ref[i::4])
+        assert err < (1e-5 if dtype == torch.float32 else 1e-2), f"rows x {f:g} ({dtype}): relative error {err:.2e}"
+
+
+@gpu
 @pytest.mark.parametrize("N,E,k,H,I,normalize", [(777, 64, 6, 256, 128, 1), (1, 8, 2, 128, 128, 0),
                                                  (130, 200, 3, 384, 256, 1), (65, 4, 4, 512, 384, 0)])
 def test_moe_fp8_prefill_other_sizes(N, E, k, H, I, normalize):

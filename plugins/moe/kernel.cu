@@ -322,7 +322,7 @@ enum MoeImpl : int {
     Q3N_MOE_AUTO = 0,    // prefill for many tokens, else the fast path when it fits, else the simple one
     Q3N_MOE_SIMPLE = 1,  // the GEMV kernels above: any shape, the oracle
     Q3N_MOE_FAST = 2,    // fast.cuh: H, I multiples of 16, k <= 16, E <= 1024, 16-byte aligned x/fc1/fc2
-    Q3N_MOE_PREFILL = 3,  // prefill.cuh: FAST's limits and H, I multiples of 128; auto from 4 pairs per expert
+    Q3N_MOE_PREFILL = 3,  // prefill.cuh: FAST's limits and H, I multiples of 128; auto from 2 pairs per expert
 };
 
 // The fast.cuh (decode) or prefill.cuh path, on kernel.cu's workspace layout.

@@ -11,15 +11,13 @@
 //   fc2:     block (64 sorted pairs, 128 hidden rows) -> y[sorted, H] float32.
 //   combine: out[n] = sum over slots s (in slot order) of w[n, s] * y[pos[n, s]]: no float atomics, so
 //            the result is deterministic.
-// GEMM tiles: the FP8 weights of one 128 x 128 scale block are converted to bf16 (exact: e4m3 values
-// are bf16 values) in shared memory, the activations are split into bf16 high + bf16 remainder (two
-// products, float32 accumulation: ~2^-17 relative, so float32 callers keep float32-level accuracy;
-// bf16 x needs no remainder), and the block scale multiplies the 128-column partial sums, as the
-// decode path does. WMMA 16x16x16 bf16; the next step's weights are loaded into registers during
-// the current step's products (no cp.async / TMA pipelining yet).
+// GEMM tiles (64 pairs x 128 outputs, 8 warps of 32 x 32): per 128-column step (one 128 x 128 scale
+// block) the FP8 weights are copied into shared memory with cp.async, the next step's while this step
+// computes, read with ldmatrix and converted to fp16 in registers (exact); the activations are scaled per
+// row by a power of two into fp16's range and stored as fp16 (16-bit x: exact) or fp16 high part +
+// remainder (float32: two products, ~2^-22 relative); mma.sync m16n8k16 with float32 accumulation; the
+// step's partial sums times the block scale and the rows' powers of two.
 #pragma once
-
-#include <mma.h>
 
 #include <type_traits>
 
@@ -27,36 +25,36 @@
 
 namespace q3n_moe_prefill {
 
-namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 
 constexpr int kBM = 64;    // sorted pairs per tile
 constexpr int kBN = 128;   // output rows per tile: one scale block (fc1: 64 gate + 64 up rows, a block of each)
 constexpr int kBK = 128;   // reduction columns per step: one scale block
 constexpr int kThreads = 256;  // 8 warps as 2 (pairs) x 4 (outputs), 32 x 32 each
-constexpr int kLdA = kBK + 8;  // bf16 row stride: rows shifted by 16 bytes (fewer bank conflicts), 32-byte tiles
+// Row strides. A (fp16, 288 bytes): a warp's 8-byte fragment reads cover 4 rows x 32 bytes per 128-byte
+// wavefront, conflict-free. W (FP8, 144 bytes): ldmatrix's 8 rows x 16 bytes land in distinct banks.
+constexpr int kLdA = kBK + 16;
+constexpr int kLdW = kBK + 16;
 constexpr int kLdC = kBN + 4;
 // auto dispatch: average (token, slot) pairs per expert from which prefill is taken. Measured on the H200
-// at 80B sizes (bench/device/moe_crossover.py): decode path 1.19 / 2.36 ms, prefill 1.47 / 1.60 ms at
-// 2.5 / 5 pairs per expert (128 / 256 tokens).
-constexpr int kMinPairsPerExpert = 4;
+// at 80B sizes (bench/device/moe_crossover.py, 2026-12-02, the mma.sync GEMM): decode path 0.68 / 1.23 ms,
+// prefill 0.93 / 1.18 ms at 1.25 / 2.5 pairs per expert (64 / 128 tokens): the crossover lies between.
+constexpr int kMinPairsPerExpert = 2;
 
+struct Stage {
+    __half a_hi[kBM][kLdA];
+    __half a_lo[kBM][kLdA];
+    unsigned char w[kBN][kLdW];
+    float row_scale[kBM];  // 2^e of each staged row: a = 2^e (hi + lo)
+};
 struct alignas(128) Smem {
     union {
-        struct {
-            bf16 a_hi[kBM][kLdA];
-            bf16 a_lo[kBM][kLdA];
-            bf16 w[kBN][kLdA];
-        } in;
+        Stage st[2];          // double-buffered: the next step's weights arrive during this step's products
         float c[kBM][kLdC];  // the tile's float32 results (after the last product)
     };
     int src[kBM];  // x row (fc1: token) or act row (fc2: sorted pair) of each tile row
 };
 constexpr size_t kSmemBytes = sizeof(Smem);
-
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // Extra workspace the prefill path needs beyond kernel.cu's (expert ids, weights, act).
 struct Workspace {
@@ -131,6 +129,16 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const int* __restrict
     }
 }
 
+// The expert of a tile: the last e whose first tile is <= tile (that one has tiles: see scatter_kernel).
+__device__ __forceinline__ int tile_expert(int tile, const int* __restrict__ tile_start, int experts) {
+    int lo = 0, hi = experts - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 // 8 consecutive activations as float (8-element aligned).
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float v[8]) {
@@ -145,32 +153,61 @@ __device__ __forceinline__ void load8<float>(const float* p, float v[8]) {
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
+// mma.sync m16n8k16 with fp16 operands and float32 accumulation.
+__device__ __forceinline__ void mma_f16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory; lane l addresses row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+
+// 2^e as a float for |e| <= 126.
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }
+
 // Grouped GEMM over the sorted pairs: C[pair, n] = sum_k A[pair, k] W_e[n, k] for the tile's expert e.
 // kFc1: A = x[token of the pair] (T), epilogue SwiGLU over the interleaved (gate, up) columns -> act;
 // else A = act[sorted pair] (float32), epilogue -> y. K = reduction size, N = output rows of W.
+//
+// Per 128-column step (one scale block): the FP8 weights go to shared memory by cp.async (the next
+// step's during this step's products) and become fp16 in registers after ldmatrix (e4m3 values are fp16
+// values: exact); each A row's 128 values are scaled by a power of two 2^-e that puts their largest
+// magnitude in [2^14, 2^15) and stored as fp16 (bf16 / fp16 activations: exact, but for values 2^-28
+// below the row's largest) or, for float32, as fp16 high part + fp16 remainder (two products: ~2^-22
+// relative). The step's partial sums are multiplied by the weights' block scale and each row's 2^e.
+// Fragments: ldmatrix hands lane (g, t) the FP8 bytes k = 4t..4t+3 of weight row g; they serve as the
+// B fragment's k pairs (2t, 2t+1) and (2t+8, 2t+9), so A's fragment takes the same four columns
+// 4t..4t+3 of its rows (one 8-byte load): a permutation of k inside each 16, the same on both sides.
 template <typename T, bool kFc1>
 __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__ x, const float* __restrict__ act_in,
                                                         const unsigned char* __restrict__ w,
                                                         const float* __restrict__ scale, const int* __restrict__ tile_start,
                                                         const int* __restrict__ offsets, const int* __restrict__ perm,
                                                         int experts, int top_k, int K, int N, float* __restrict__ out) {
-    // bf16 x splits with a zero remainder: skip those products
-    constexpr bool kSplit = !(kFc1 && std::is_same<T, bf16>::value);
+    // fp16 holds bf16 / fp16 activations exactly after the row scaling: no remainder products then
+    constexpr bool kSplit = !(kFc1 && sizeof(T) == 2);
     extern __shared__ __align__(128) unsigned char smem_raw[];
     Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
     const int tile = blockIdx.x;
     if (tile >= tile_start[experts]) return;  // the grid is sized for the worst case
-    // the tile's expert: the last e whose first tile is <= tile (that one has tiles: see scatter_kernel)
-    int lo = 0, hi = experts - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
-    }
-    const int e = lo;
+    const int e = tile_expert(tile, tile_start, experts);
     const int row0 = offsets[e] + (tile - tile_start[e]) * kBM;
     const int rows = min(kBM, offsets[e + 1] - row0);
     const int n0 = blockIdx.y * kBN;
-    const int tid = threadIdx.x, warp = tid >> 5, wm = warp / 4, wn = warp % 4;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp / 4, wn = warp % 4;
+    const int g = lane >> 2, t = lane & 3;
     if (tid < kBM) sm.src[tid] = tid < rows ? (kFc1 ? perm[row0 + tid] / top_k : row0 + tid) : -1;
     __syncthreads();
 
@@ -182,99 +219,123 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
     // the checkpoint's separate gate / up scales, unchanged)
     const float* se = scale + ((int64_t)e * scale_rows + (kFc1 ? n0 / 2 : n0) / q3n_moe_fast::kFp8Block) * scale_cols
                       + (kFc1 && wn >= 2 ? (int64_t)(scale_rows / 2) * scale_cols : 0);
-    FragC acc[2][2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-    // W: 128 rows x 128 FP8 columns per step, 16 bytes per thread-load; the next step's loads are issued
-    // before this step's products, so their latency hides behind the tensor-core work
-    constexpr int kWLoads = kBN * kBK / 16 / kThreads;
-    uint4 wraw[kWLoads];
-    auto fetch_w = [&](int k0) {
+    // W: 128 rows x 128 FP8 bytes per step, 4 x 16 bytes per thread
+    const auto fetch_w = [&](int k0, Stage& st) {
 #pragma unroll
-        for (int m = 0; m < kWLoads; ++m) {
+        for (int m = 0; m < kBN * kBK / 16 / kThreads; ++m) {
             const int i = tid + m * kThreads, r = i / (kBK / 16), c = (i % (kBK / 16)) * 16;
             const int src = kFc1 ? (r < kBN / 2 ? 2 * r : 2 * (r - kBN / 2) + 1) : r;
-            wraw[m] = __ldg(reinterpret_cast<const uint4*>(we + (int64_t)src * K + k0 + c));
+            cp_async16(&st.w[r][c], we + (int64_t)src * K + k0 + c);
         }
+        asm volatile("cp.async.commit_group;\n" ::);
     };
-    fetch_w(0);
-    for (int k0 = 0; k0 < K; k0 += kBK) {
-        // A: 64 rows x 128 columns, 8 per thread-step; padding rows are zeros
-        for (int i = tid; i < kBM * kBK / 8; i += kThreads) {
-            const int r = i / (kBK / 8), c = (i % (kBK / 8)) * 8;
-            const int src = sm.src[r];
-            float v[8] = {};
+    // A: thread = (row tid / 4, 32 columns); the row's four threads are neighbouring lanes of one warp
+    const auto stage_a = [&](int k0, Stage& st) {
+        const int r = tid >> 2, c0 = (tid & 3) * 32;
+        const int src = sm.src[r];
+        float v[32];
+#pragma unroll
+        for (int i = 0; i < 32; i += 8) {
             if (src >= 0) {
-                if (kFc1) load8(x + (int64_t)src * K + k0 + c, v);
-                else load8(act_in + (int64_t)src * K + k0 + c, v);
-            }
-            __align__(16) bf16 h[8], l[8];
+                if (kFc1) load8(x + (int64_t)src * K + k0 + c0 + i, v + i);
+                else load8(act_in + (int64_t)src * K + k0 + c0 + i, v + i);
+            } else {
 #pragma unroll
-            for (int t = 0; t < 8; ++t) {
-                h[t] = __float2bfloat16_rn(v[t]);
-                l[t] = __float2bfloat16_rn(v[t] - __bfloat162float(h[t]));
+                for (int j = 0; j < 8; ++j) v[i + j] = 0.f;
             }
-            *reinterpret_cast<uint4*>(&sm.in.a_hi[r][c]) = *reinterpret_cast<const uint4*>(h);
-            if (kSplit) *reinterpret_cast<uint4*>(&sm.in.a_lo[r][c]) = *reinterpret_cast<const uint4*>(l);
         }
-        // W converted exactly to bf16
+        float amax = 0.f;
 #pragma unroll
-        for (int m = 0; m < kWLoads; ++m) {
-            const int i = tid + m * kThreads, r = i / (kBK / 16), c = (i % (kBK / 16)) * 16;
-            const uint32_t words[4] = {wraw[m].x, wraw[m].y, wraw[m].z, wraw[m].w};
-            __align__(16) __nv_bfloat162 b[8];
+        for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(v[i]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        // largest magnitude into [2^14, 2^15): fp16's normal range with room; 0 / NaN / Inf rows unscaled
+        int ex = 0;
+        if (amax > 0.f && amax <= FLT_MAX) ex = max(-100, min(100, ilogbf(amax) - 14));
+        const float down = pow2(-ex);
 #pragma unroll
-            for (int q = 0; q < 8; ++q) {
-                const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[q / 2] >> (16 * (q % 2)));
-                const __half2_raw h2 = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
-                b[q] = __float22bfloat162_rn(__half22float2(*reinterpret_cast<const __half2*>(&h2)));
+        for (int i = 0; i < 32; i += 8) {
+            __align__(16) __half hi[8], lo[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float a = v[i + j] * down;
+                hi[j] = __float2half_rn(a);
+                lo[j] = __float2half_rn(a - __half2float(hi[j]));
             }
-            *reinterpret_cast<uint4*>(&sm.in.w[r][c]) = reinterpret_cast<const uint4*>(b)[0];
-            *reinterpret_cast<uint4*>(&sm.in.w[r][c + 8]) = reinterpret_cast<const uint4*>(b)[1];
+            *reinterpret_cast<uint4*>(&st.a_hi[r][c0 + i]) = *reinterpret_cast<const uint4*>(hi);
+            if (kSplit) *reinterpret_cast<uint4*>(&st.a_lo[r][c0 + i]) = *reinterpret_cast<const uint4*>(lo);
         }
-        __syncthreads();
-        if (k0 + kBK < K) fetch_w(k0 + kBK);
-        FragC part[2][2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::fill_fragment(part[i][j], 0.f);
-#pragma unroll
+        if ((tid & 3) == 0) st.row_scale[r] = pow2(ex);
+    };
+
+    float acc[2][4][4] = {};
+    fetch_w(0, sm.st[0]);
+    stage_a(0, sm.st[0]);
+    asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads();
+    const int steps = K / kBK;
+    for (int ks = 0; ks < steps; ++ks) {
+        Stage& st = sm.st[ks & 1];
+        if (ks + 1 < steps) fetch_w((ks + 1) * kBK, sm.st[(ks + 1) & 1]);  // its buffer's readers passed the last barrier
+        float part[2][4][4] = {};
+#pragma unroll 2
         for (int kk = 0; kk < kBK; kk += 16) {
-            FragA ah[2], al[2];
-            FragB bw[2];
+            uint32_t b[4][2];
+            {
+                uint32_t raw[4];
+                // matrix j = n-tile j of this warp: rows 32 wn + 8 j + (lane % 8), bytes kk .. kk + 15
+                ldmatrix_x4(raw, &st.w[32 * wn + 8 * (lane >> 3) + (lane & 7)][kk]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const __half2_raw lo2 = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(raw[j] & 0xffffu), __NV_E4M3);
+                    const __half2_raw hi2 = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(raw[j] >> 16), __NV_E4M3);
+                    b[j][0] = static_cast<uint32_t>(lo2.x) | (static_cast<uint32_t>(lo2.y) << 16);
+                    b[j][1] = static_cast<uint32_t>(hi2.x) | (static_cast<uint32_t>(hi2.y) << 16);
+                }
+            }
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                wmma::load_matrix_sync(ah[i], &sm.in.a_hi[wm * 32 + i * 16][kk], kLdA);
-                if (kSplit) wmma::load_matrix_sync(al[i], &sm.in.a_lo[wm * 32 + i * 16][kk], kLdA);
-            }
+                const int r = 32 * wm + 16 * i + g;
+                const uint2 h0 = *reinterpret_cast<const uint2*>(&st.a_hi[r][kk + 4 * t]);
+                const uint2 h1 = *reinterpret_cast<const uint2*>(&st.a_hi[r + 8][kk + 4 * t]);
+                const uint32_t ah[4] = {h0.x, h1.x, h0.y, h1.y};
 #pragma unroll
-            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bw[j], &sm.in.w[wn * 32 + j * 16][kk], kLdA);
+                for (int j = 0; j < 4; ++j) mma_f16(part[i][j], ah, b[j]);
+                if (kSplit) {
+                    const uint2 l0 = *reinterpret_cast<const uint2*>(&st.a_lo[r][kk + 4 * t]);
+                    const uint2 l1 = *reinterpret_cast<const uint2*>(&st.a_lo[r + 8][kk + 4 * t]);
+                    const uint32_t al[4] = {l0.x, l1.x, l0.y, l1.y};
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    if (kSplit) wmma::mma_sync(part[i][j], al[i], bw[j], part[i][j]);
-                    wmma::mma_sync(part[i][j], ah[i], bw[j], part[i][j]);
+                    for (int j = 0; j < 4; ++j) mma_f16(part[i][j], al, b[j]);
                 }
+            }
         }
-        const float s = __ldg(se + k0 / kBK);
+        const float sw = __ldg(se + ks);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < 2; ++i) {
+            const int r = 32 * wm + 16 * i + g;
+            const float s0 = sw * st.row_scale[r], s1 = sw * st.row_scale[r + 8];
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
-#pragma unroll
-                for (int t = 0; t < acc[i][j].num_elements; ++t) acc[i][j].x[t] += s * part[i][j].x[t];
-        __syncthreads();  // the next step overwrites the tiles
+            for (int j = 0; j < 4; ++j) {
+                acc[i][j][0] += s0 * part[i][j][0], acc[i][j][1] += s0 * part[i][j][1];
+                acc[i][j][2] += s1 * part[i][j][2], acc[i][j][3] += s1 * part[i][j][3];
+            }
+        }
+        if (ks + 1 < steps) stage_a((ks + 1) * kBK, sm.st[(ks + 1) & 1]);
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        __syncthreads();  // the next step's A and W are in; this step's buffers are free
     }
+    // C fragment: rows g, g + 8 of each m-tile, columns 2t, 2t + 1 of each n-tile (the staging buffers are
+    // free: the loop ended on a barrier)
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(&sm.c[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kLdC, wmma::mem_row_major);
+        for (int j = 0; j < 4; ++j) {
+            const int r = 32 * wm + 16 * i + g, c = 32 * wn + 8 * j + 2 * t;
+            sm.c[r][c] = acc[i][j][0], sm.c[r][c + 1] = acc[i][j][1];
+            sm.c[r + 8][c] = acc[i][j][2], sm.c[r + 8][c + 1] = acc[i][j][3];
+        }
     __syncthreads();
     if (kFc1) {
         // columns j, 64 + j = gate, up of intermediate row n0/2 + j (staged that way); act has N/2 columns
@@ -322,24 +383,24 @@ inline bool worth_it(int tokens, int top_k, int experts) {
     return (int64_t)tokens * top_k >= (int64_t)kMinPairsPerExpert * experts;
 }
 
+// Tiles a grid must cover: at most pairs / kBM full tiles plus one partial tile per expert that has pairs.
+inline int max_tiles(int pairs, int experts) { return pairs / kBM + min(experts, pairs); }
+
 template <typename T, bool kFc1>
 cudaError_t launch_gemm(const T* x, const float* act_in, const unsigned char* w, const float* scale, const Workspace& ws,
                         int pairs, int experts, int top_k, int K, int N, float* out, cudaStream_t stream) {
     cudaError_t err = cudaFuncSetAttribute(gemm_kernel<T, kFc1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            (int)kSmemBytes);
     if (err != cudaSuccess) return err;
-    // at most pairs/64 full tiles plus one partial tile per expert that has pairs
-    const int max_tiles = pairs / kBM + min(experts, pairs);
-    gemm_kernel<T, kFc1><<<dim3(max_tiles, N / kBN), kThreads, kSmemBytes, stream>>>(
+    gemm_kernel<T, kFc1><<<dim3(max_tiles(pairs, experts), N / kBN), kThreads, kSmemBytes, stream>>>(
         x, act_in, w, scale, ws.tile_start, ws.offsets, ws.perm, experts, top_k, K, N, out);
     return cudaGetLastError();
 }
 
+// route, count, scatter: the pairs grouped by expert (ws.offsets, ws.perm, ws.pos) in tiles of kBM.
 template <typename T>
-int launch(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
-           const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden, int inter, int experts,
-           int top_k, int normalize, int* ws_experts, float* ws_weights, float* ws_act, const Workspace& ws,
-           cudaStream_t stream) {
+cudaError_t group_pairs(const void* router_logits, int tokens, int experts, int top_k, int normalize, int* ws_experts,
+                        float* ws_weights, const Workspace& ws, cudaStream_t stream) {
     const int pairs = tokens * top_k;
     q3n_moe_fast::route_kernel<T><<<tokens, 32 * ((experts + 31) / 32), 0, stream>>>(
         static_cast<const T*>(router_logits), tokens, experts, top_k, normalize, ws_experts, ws_weights);
@@ -351,16 +412,30 @@ int launch(const void* x, const void* router_logits, const unsigned char* fc1, c
                                                          ws.offsets, ws.perm, ws.pos);
         err = cudaGetLastError();
     }
+    return err;
+}
+
+template <typename T>
+cudaError_t launch_combine(const Workspace& ws, const float* ws_weights, void* out, int tokens, int hidden, int top_k,
+                           cudaStream_t stream) {
+    combine_kernel<T><<<dim3(tokens, (hidden + 4 * kThreads - 1) / (4 * kThreads)), kThreads, 0, stream>>>(
+        ws.y, ws.pos, ws_weights, static_cast<T*>(out), hidden, top_k);
+    return cudaGetLastError();
+}
+
+template <typename T>
+int launch(const void* x, const void* router_logits, const unsigned char* fc1, const float* scale1,
+           const unsigned char* fc2, const float* scale2, void* out, int tokens, int hidden, int inter, int experts,
+           int top_k, int normalize, int* ws_experts, float* ws_weights, float* ws_act, const Workspace& ws,
+           cudaStream_t stream) {
+    const int pairs = tokens * top_k;
+    cudaError_t err = group_pairs<T>(router_logits, tokens, experts, top_k, normalize, ws_experts, ws_weights, ws, stream);
     const T* xt = static_cast<const T*>(x);
     if (err == cudaSuccess)
         err = launch_gemm<T, true>(xt, nullptr, fc1, scale1, ws, pairs, experts, top_k, hidden, 2 * inter, ws_act, stream);
     if (err == cudaSuccess)
         err = launch_gemm<T, false>(xt, ws_act, fc2, scale2, ws, pairs, experts, top_k, inter, hidden, ws.y, stream);
-    if (err == cudaSuccess) {
-        combine_kernel<T><<<dim3(tokens, (hidden + 4 * kThreads - 1) / (4 * kThreads)), kThreads, 0, stream>>>(
-            ws.y, ws.pos, ws_weights, static_cast<T*>(out), hidden, top_k);
-        err = cudaGetLastError();
-    }
+    if (err == cudaSuccess) err = launch_combine<T>(ws, ws_weights, out, tokens, hidden, top_k, stream);
     if (err != cudaSuccess) {
         cudaGetLastError();
         return static_cast<int>(err);
