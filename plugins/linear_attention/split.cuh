@@ -2,10 +2,12 @@
 // (fast.cuh) in two passes, so that the only work left in the sequential walk over chunks is the part
 // that needs the state.
 //
-// factor_kernel, parallel over (batch, value head, chunk): everything that depends on k, q, g, beta only.
+// factor_kernel, parallel over (batch, key head, chunk): everything that depends on k, q, g, beta only.
 //     G = cumsum(g);  L_ij = beta_i e^(G_i-G_j) k_i.k_j (j<i);  M = (I + L)^-1 diag(beta)
 //     P_ij = scale e^(G_i-G_j) q_i.k_j (j<=i)
-//   M by forward substitution, one column per thread. M, P (64 x 64 float32) and G go to the workspace.
+//   The Gram products k_i.k_j, q_i.k_j once per key head, then for each value head that shares it (GVA),
+//   two at a time: M by forward substitution, one column per thread. M, P (64 x 64 float32) and G of
+//   each value head go to the workspace.
 // state_kernel, one block per (batch, value head, 32 state columns), the chunks in order:
 //     D = M (V - e^G (K S));  O = scale e^G (Q S) + P D;  S <- e^(G_last) S + K^T (e^(G_last-G) D)
 //   every product on mma.m16n8k8 TF32 with float32 accumulation; an operand tf32 does not hold exactly
@@ -124,50 +126,44 @@ __device__ __forceinline__ int64_t factor_base(int b, int h, int n, int num_v_he
 // ------------------------------------------------------------------------------------------------
 // factor pass
 
+// Value heads per round of a factor block: its 128 threads solve two heads' systems at once (a column each).
+constexpr int kFactorHeads = 2;
+
 template <typename T>
 struct FactorSmem {
-    T K[kSplitC][kRowLd<T>];
-    T Q[kSplitC][kRowLd<T>];
-    float L[kSplitC][kMPLd];
-    float P[kSplitC][kMPLd];
-    float G[kSplitC];
-    float bt[kSplitC];
+    union {
+        struct {
+            T K[kSplitC][kRowLd<T>];
+            T Q[kSplitC][kRowLd<T>];
+        } in;                                  // until the Gram products are done
+        float L[kFactorHeads][kSplitC][kMPLd];  // then the round's L matrices
+    };
+    float Gkk[kSplitC][kMPLd];  // k_i.k_j (j <= i, by 8-column tiles), shared by the key head's value heads
+    float Gqk[kSplitC][kMPLd];  // q_i.k_j (likewise)
+    float G[kFactorHeads][kSplitC];
+    float bt[kFactorHeads][kSplitC];
 };
 
+// One block per (batch, key head, chunk): the Gram products K K^T and Q K^T once, then the factors of each
+// value head that shares the key head (GVA), two heads per round.
 template <typename T>
 __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ decay, const T* __restrict__ beta,
     float* __restrict__ ws, int seq, int num_k_heads, int num_v_heads, int chunk0, int seg_chunks, float scale) {
+    static_assert(kFactorThreads == kFactorHeads * kSplitC, "one thread per (head of the round, column)");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     FactorSmem<T>& sm = *reinterpret_cast<FactorSmem<T>*>(smem_raw);
     constexpr bool kExact = sizeof(T) == 2;
-    const int n = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-    const int kh = h / (num_v_heads / num_k_heads);
+    const int n = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+    const int group = num_v_heads / num_k_heads;  // value heads kh * group .. kh * group + group - 1
     const int t0 = (chunk0 + n) * kSplitC, valid = min(kSplitC, seq - t0);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 
     const int64_t qk_stride = (int64_t)num_k_heads * kDk;
     const int64_t row0 = ((int64_t)b * seq + t0) * qk_stride + (int64_t)kh * kDk;
-    copy_rows<T, kFactorThreads>(sm.K, k, row0, qk_stride, valid);
-    copy_rows<T, kFactorThreads>(sm.Q, q, row0, qk_stride, valid);
+    copy_rows<T, kFactorThreads>(sm.in.K, k, row0, qk_stride, valid);
+    copy_rows<T, kFactorThreads>(sm.in.Q, q, row0, qk_stride, valid);
     cp_async_commit();
-    if (warp == 0) {
-        // inclusive scan of g over the chunk, two tokens per lane; padded tokens: g = beta = 0
-        const int i0 = 2 * lane, i1 = 2 * lane + 1;
-        const int64_t gi = ((int64_t)b * seq + t0) * num_v_heads + h;
-        const float g0 = i0 < valid ? q3n::load(decay, gi + (int64_t)i0 * num_v_heads) : 0.f;
-        const float g1 = i1 < valid ? q3n::load(decay, gi + (int64_t)i1 * num_v_heads) : 0.f;
-        float run = g0 + g1;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const float up = __shfl_up_sync(0xffffffffu, run, o);
-            if (lane >= o) run += up;
-        }
-        sm.G[i0] = run - g1;
-        sm.G[i1] = run;
-        sm.bt[i0] = i0 < valid ? q3n::load(beta, gi + (int64_t)i0 * num_v_heads) : 0.f;
-        sm.bt[i1] = i1 < valid ? q3n::load(beta, gi + (int64_t)i1 * num_v_heads) : 0.f;
-    }
     cp_async_wait<0>();
     __syncthreads();
 
@@ -175,7 +171,8 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
 #pragma unroll 1
     for (int job = 0; job < 2; ++job) {
         const int mi = job == 0 ? warp : 3 - warp, tiles = 2 * mi + 2;
-        const T(*A)[kRowLd<T>] = job == 0 ? sm.K : sm.Q;
+        const T(*A)[kRowLd<T>] = job == 0 ? sm.in.K : sm.in.Q;
+        float(*Gram)[kMPLd] = job == 0 ? sm.Gkk : sm.Gqk;
         float acc[8][3][4] = {};
 #pragma unroll 2
         for (int k0 = 0; k0 < kDk; k0 += 8) {
@@ -185,62 +182,86 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
 #pragma unroll
             for (int nj = 0; nj < 8; ++nj) {
                 if (nj < tiles)
-                    mma3<kExact, kExact>(acc[nj], a, frag_b<kExact>(q3n::to_float(sm.K[8 * nj + g][k0 + t]),
-                                                                    q3n::to_float(sm.K[8 * nj + g][k0 + t + 4])));
+                    mma3<kExact, kExact>(acc[nj], a, frag_b<kExact>(q3n::to_float(sm.in.K[8 * nj + g][k0 + t]),
+                                                                    q3n::to_float(sm.in.K[8 * nj + g][k0 + t + 4])));
             }
         }
 #pragma unroll
         for (int nj = 0; nj < 8; ++nj) {
             if (nj >= tiles) continue;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = 16 * mi + g + (e >> 1) * 8, j = 8 * nj + 2 * t + (e & 1);
-                // G is non-increasing: e^(G_i - G_j) <= 1 only for j <= i, so mask before exp
-                const float dec = j <= i ? expf(sm.G[i] - sm.G[j]) : 0.f;
-                if (job == 0)
-                    sm.L[i][j] = j < i ? sm.bt[i] * dec * sum3(acc[nj], e) : 0.f;
-                else
-                    sm.P[i][j] = scale * dec * sum3(acc[nj], e);
-            }
+            for (int e = 0; e < 4; ++e) Gram[16 * mi + g + (e >> 1) * 8][8 * nj + 2 * t + (e & 1)] = sum3(acc[nj], e);
         }
     }
-    __syncthreads();
+    __syncthreads();  // K, Q are dead: L takes their place
 
-    float* f = ws + factor_base(b, h, n, num_v_heads, seg_chunks);
-    if (tid < kSplitC) {
-        // (I + L) X = I by forward substitution; thread c owns column c (x_j = 0 for j < c)
-        const int c = tid;
-        float x[kSplitC];
+    const int64_t gi0 = ((int64_t)b * seq + t0) * num_v_heads;
+#pragma unroll 1
+    for (int h0 = 0; h0 < group; h0 += kFactorHeads) {
+        const int heads = min(kFactorHeads, group - h0);
+        if (warp < heads) {
+            // inclusive scan of g over the chunk, two tokens per lane; padded tokens: g = beta = 0
+            const int h = kh * group + h0 + warp, i0 = 2 * lane, i1 = 2 * lane + 1;
+            const float g0 = i0 < valid ? q3n::load(decay, gi0 + (int64_t)i0 * num_v_heads + h) : 0.f;
+            const float g1 = i1 < valid ? q3n::load(decay, gi0 + (int64_t)i1 * num_v_heads + h) : 0.f;
+            float run = g0 + g1;
 #pragma unroll
-        for (int i = 0; i < kSplitC; ++i) {
-            float s[4] = {i == c ? 1.f : 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int j = 0; j < (i & ~3); j += 4) {
-                const float4 l4 = *reinterpret_cast<const float4*>(&sm.L[i][j]);
-                s[0] -= l4.x * x[j];
-                s[1] -= l4.y * x[j + 1];
-                s[2] -= l4.z * x[j + 2];
-                s[3] -= l4.w * x[j + 3];
+            for (int o = 1; o < 32; o <<= 1) {
+                const float up = __shfl_up_sync(0xffffffffu, run, o);
+                if (lane >= o) run += up;
             }
-#pragma unroll
-            for (int j = i & ~3; j < i; ++j) s[j & 3] -= sm.L[i][j] * x[j];
-            x[i] = (s[0] + s[1]) + (s[2] + s[3]);
+            sm.G[warp][i0] = run - g1;
+            sm.G[warp][i1] = run;
+            sm.bt[warp][i0] = i0 < valid ? q3n::load(beta, gi0 + (int64_t)i0 * num_v_heads + h) : 0.f;
+            sm.bt[warp][i1] = i1 < valid ? q3n::load(beta, gi0 + (int64_t)i1 * num_v_heads + h) : 0.f;
         }
-        const float bc = sm.bt[c];
-#pragma unroll
-        for (int i = 0; i < kSplitC; ++i) f[i * kSplitC + c] = x[i] * bc;
-    } else {
-        // P (zeros above the diagonal) and G, as float4 rows
-        for (int idx = tid - kSplitC; idx < kSplitC * kSplitC / 4; idx += kFactorThreads - kSplitC) {
-            const int i = idx / (kSplitC / 4), j = (idx % (kSplitC / 4)) * 4;
-            float4 p4;
-            p4.x = j <= i ? sm.P[i][j] : 0.f;
-            p4.y = j + 1 <= i ? sm.P[i][j + 1] : 0.f;
-            p4.z = j + 2 <= i ? sm.P[i][j + 2] : 0.f;
-            p4.w = j + 3 <= i ? sm.P[i][j + 3] : 0.f;
-            *reinterpret_cast<float4*>(&f[kSplitC * kSplitC + i * kSplitC + j]) = p4;
+        __syncthreads();
+        // L_ij = beta_i e^(G_i - G_j) k_i.k_j below the diagonal (all the substitution reads); G is
+        // non-increasing, so e^(G_i - G_j) <= 1 there
+        for (int idx = tid; idx < heads * kSplitC * kSplitC; idx += kFactorThreads) {
+            const int p = idx / (kSplitC * kSplitC), i = (idx / kSplitC) % kSplitC, j = idx % kSplitC;
+            if (j < i) sm.L[p][i][j] = sm.bt[p][i] * expf(sm.G[p][i] - sm.G[p][j]) * sm.Gkk[i][j];
         }
-        if (tid - kSplitC < kSplitC) f[2 * kSplitC * kSplitC + tid - kSplitC] = sm.G[tid - kSplitC];
+        __syncthreads();
+        const int p = tid / kSplitC, c = tid % kSplitC;
+        if (p < heads) {
+            // (I + L) X = I by forward substitution; thread (p, c) owns column c of head p (x_j = 0 for j < c)
+            float* f = ws + factor_base(b, kh * group + h0 + p, n, num_v_heads, seg_chunks);
+            float x[kSplitC];
+#pragma unroll
+            for (int i = 0; i < kSplitC; ++i) {
+                float s4[4] = {i == c ? 1.f : 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int j = 0; j < (i & ~3); j += 4) {
+                    const float4 l4 = *reinterpret_cast<const float4*>(&sm.L[p][i][j]);
+                    s4[0] -= l4.x * x[j];
+                    s4[1] -= l4.y * x[j + 1];
+                    s4[2] -= l4.z * x[j + 2];
+                    s4[3] -= l4.w * x[j + 3];
+                }
+#pragma unroll
+                for (int j = i & ~3; j < i; ++j) s4[j & 3] -= sm.L[p][i][j] * x[j];
+                x[i] = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+            }
+            const float bc = sm.bt[p][c];
+#pragma unroll
+            for (int i = 0; i < kSplitC; ++i) f[i * kSplitC + c] = x[i] * bc;
+        }
+        // P_ij = scale e^(G_i - G_j) q_i.k_j (zeros above the diagonal) and G, as float4 rows
+        for (int idx = tid; idx < heads * kSplitC * kSplitC / 4; idx += kFactorThreads) {
+            const int hp = idx / (kSplitC * kSplitC / 4), r = idx % (kSplitC * kSplitC / 4);
+            const int i = r / (kSplitC / 4), j = (r % (kSplitC / 4)) * 4;
+            float* f = ws + factor_base(b, kh * group + h0 + hp, n, num_v_heads, seg_chunks);
+            float pv[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                pv[e] = j + e <= i ? scale * expf(sm.G[hp][i] - sm.G[hp][j + e]) * sm.Gqk[i][j + e] : 0.f;
+            *reinterpret_cast<float4*>(&f[kSplitC * kSplitC + i * kSplitC + j]) = make_float4(pv[0], pv[1], pv[2], pv[3]);
+        }
+        if (tid < heads * kSplitC)
+            ws[factor_base(b, kh * group + h0 + tid / kSplitC, n, num_v_heads, seg_chunks) + 2 * kSplitC * kSplitC +
+               tid % kSplitC] = sm.G[tid / kSplitC][tid % kSplitC];
+        __syncthreads();  // G, bt and L are rewritten by the next round
     }
 }
 
@@ -251,11 +272,16 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
 // start of a chunk, not from after their last use.
 template <typename T>
 constexpr int kMPBufs = sizeof(T) == 2 ? 2 : 1;
+// Q and O double-buffered too for 16-bit inputs (227,072 bytes in all): then nothing but the deltas'
+// and the residuals' barriers separates one chunk's products from the next's (3 barriers per chunk;
+// float32 inputs, single-buffered: 5).
+template <typename T>
+constexpr int kQOBufs = sizeof(T) == 2 ? 2 : 1;
 
 template <typename T>
 struct StateSmem {
     T K[2][kSplitC][kRowLd<T>];  // double-buffered: the next chunk's k arrives while this one's is in use
-    T Q[kSplitC][kRowLd<T>];
+    T Q[kQOBufs<T>][kSplitC][kRowLd<T>];
     float M[kMPBufs<T>][kSplitC][kMPLd];
     float P[kMPBufs<T>][kSplitC][kMPLd];
     T V[kSplitC][kCols + 8];
@@ -265,7 +291,7 @@ struct StateSmem {
     uint32_t Sl[kDk][kColLd];  // the float32 state itself stays in the registers of its row-owner warp
     float R[kSplitC][kColLd];  // V - e^G K S
     float D[kSplitC][kColLd];  // deltas
-    float O[kSplitC][kColLd];  // scale e^G Q S -> outputs
+    float O[kQOBufs<T>][kSplitC][kColLd];  // scale e^G Q S -> outputs
 };
 
 template <typename T>
@@ -285,7 +311,9 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
     const auto qk_row0 = [&](int n) { return ((int64_t)cb.b * seq + t0_of(n)) * cb.qk_stride + (int64_t)cb.kh * kDk; };
     const auto factors = [&](int n) { return ws + factor_base(cb.b, cb.h, n, num_v_heads, seg_chunks); };
     const auto copy_k = [&](int n) { copy_rows<T, kStateThreads>(sm.K[n & 1], k, qk_row0(n), cb.qk_stride, valid_of(n)); };
-    const auto copy_q = [&](int n) { copy_rows<T, kStateThreads>(sm.Q, q, qk_row0(n), cb.qk_stride, valid_of(n)); };
+    const auto copy_q = [&](int n) {
+        copy_rows<T, kStateThreads>(sm.Q[n % kQOBufs<T>], q, qk_row0(n), cb.qk_stride, valid_of(n));
+    };
     const auto copy_mat = [&](float (*dst)[kMPLd], const float* src) {
         for (int idx = tid; idx < kSplitC * kSplitC / 4; idx += kStateThreads)
             cp_async16(&dst[idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4], src + idx * 4, true);
@@ -342,18 +370,20 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
 
 #pragma unroll 1
     for (int n = 0; n < chunks; ++n) {
-        const int kb = n & 1, mb = n % kMPBufs<T>;
+        const int kb = n & 1, mb = n % kMPBufs<T>, qb = n % kQOBufs<T>;
         const float* G = sm.G[kb];
+        float(*O)[kColLd] = sm.O[qb];
         const bool more = n + 1 < chunks;
         if (kMPBufs<T> == 2 && more) {  // the buffers of chunk n - 1, free since its step 4
             copy_mat(sm.M[mb ^ 1], factors(n + 1));
             copy_mat(sm.P[mb ^ 1], factors(n + 1) + kSplitC * kSplitC);
         }
+        if (kQOBufs<T> == 2 && more) copy_q(n + 1);  // the buffer of chunk n - 1, free since its step 1
 
         // 1. [K; Q] S: warps 0-3 K rows 16w.., warps 4-7 Q rows 16(w-4)..
         float acc[4][3][4] = {};
         {
-            const T(*A)[kRowLd<T>] = warp < 4 ? sm.K[kb] : sm.Q;
+            const T(*A)[kRowLd<T>] = warp < 4 ? sm.K[kb] : sm.Q[qb];
             const int r = 16 * (warp & 3) + g;
 #pragma unroll 4
             for (int k0 = 0; k0 < kDk; k0 += 8) {
@@ -367,8 +397,10 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
                 }
             }
         }
-        __syncthreads();
-        if (more) copy_q(n + 1);
+        if (kQOBufs<T> == 1) {  // Q is refilled: every warp must be done with it
+            __syncthreads();
+            if (more) copy_q(n + 1);
+        }
         cp_async_commit();
 
         // 2. R = V - e^G K S (warps 0-3); O = scale e^G Q S (warps 4-7)
@@ -383,7 +415,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
                     if (warp < 4)
                         sm.R[i][c] = q3n::to_float(sm.V[i][c]) - e[el >> 1] * sum3(acc[nt], el);
                     else
-                        sm.O[i][c] = scale * e[el >> 1] * sum3(acc[nt], el);
+                        O[i][c] = scale * e[el >> 1] * sum3(acc[nt], el);
                 }
             if (tid < kSplitC) sm.wl[tid] = expf(G[kSplitC - 1] - G[tid]);
         }
@@ -427,23 +459,15 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
 #pragma unroll
             for (int p = 0; p < 2; ++p) {
                 const int r = 16 * (p == 0 ? pm0 : pm1) + g, c = 8 * pair_nt + 2 * t;
-                sm.O[r][c] += sum3(o[p], 0), sm.O[r][c + 1] += sum3(o[p], 1);
-                sm.O[r + 8][c] += sum3(o[p], 2), sm.O[r + 8][c + 1] += sum3(o[p], 3);
+                O[r][c] += sum3(o[p], 0), O[r][c + 1] += sum3(o[p], 1);
+                O[r + 8][c] += sum3(o[p], 2), O[r + 8][c + 1] += sum3(o[p], 3);
             }
         }
-        __syncthreads();
-        if (kMPBufs<T> == 1 && more) copy_mat(sm.P[0], factors(n + 1) + kSplitC * kSplitC);
+        if (kMPBufs<T> == 1) {  // P is refilled: every warp must be done with it
+            __syncthreads();
+            if (more) copy_mat(sm.P[0], factors(n + 1) + kSplitC * kSplitC);
+        }
         cp_async_commit();
-
-        // outputs: 8 consecutive columns of one row per thread
-        {
-            const int i = tid / 4, c = (tid % 4) * 8;
-            if (i < valid_of(n)) {
-                T* dst = out + cb.v_off(seq, t0_of(n), i) + c;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) dst[e] = q3n::from_float<T>(sm.O[i][c + e]);
-            }
-        }
 
         // 5. S <- e^(G_last) S + K^T (e^(G_last - G) D) on this warp's part of the state
         {
@@ -467,11 +491,23 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
                 for (int e = 0; e < 4; ++e) s[j][e] = e_last * s[j][e] + sum3(u[j], e);
             publish_state();
         }
+        // One barrier ends the chunk: the state is published, all of chunk n + 1 has landed, every warp is
+        // done with this chunk's K buffer (chunk n + 2's k goes there next) and O is complete.
+        cp_async_wait<0>();
         __syncthreads();
         if (n + 2 < chunks) copy_k(n + 2);
         cp_async_commit();
-        cp_async_wait<1>();  // all of chunk n + 1 has landed (only the k of chunk n + 2 may be in flight)
-        __syncthreads();
+
+        // outputs: 8 consecutive columns of one row per thread (O is next written two chunks on, or after the
+        // next chunk's first barrier when single-buffered)
+        {
+            const int i = tid / 4, c = (tid % 4) * 8;
+            if (i < valid_of(n)) {
+                T* dst = out + cb.v_off(seq, t0_of(n), i) + c;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) dst[e] = q3n::from_float<T>(O[i][c + e]);
+            }
+        }
     }
     cp_async_wait<0>();
 
@@ -509,7 +545,9 @@ template <typename T>
 constexpr size_t kFactorSmemBytes = sizeof(FactorSmem<T>);
 template <typename T>
 constexpr size_t kStateSmemBytes = sizeof(StateSmem<T>);
-constexpr size_t kSplitSmemBytes = sizeof(StateSmem<float>);  // the largest of either kernel and dtype
+// the largest of either kernel and dtype
+constexpr size_t kSplitSmemBytes =
+    sizeof(StateSmem<float>) > sizeof(StateSmem<__half>) ? sizeof(StateSmem<float>) : sizeof(StateSmem<__half>);
 
 template <typename T>
 int launch_split(const void* q, const void* k, const void* v, const float* past_state, const void* decay,
@@ -533,7 +571,7 @@ int launch_split(const void* q, const void* k, const void* v, const float* past_
     const int state_blocks = batch * num_v_heads * (head_v_dim / kCols);
     for (int c0 = 0; c0 < chunks; c0 += seg) {
         const int n = chunks - c0 < seg ? chunks - c0 : seg;
-        factor_kernel<T><<<dim3(n, num_v_heads, batch), kFactorThreads, kFactorSmemBytes<T>, stream>>>(
+        factor_kernel<T><<<dim3(n, num_k_heads, batch), kFactorThreads, kFactorSmemBytes<T>, stream>>>(
             qt, kt, static_cast<const T*>(decay), static_cast<const T*>(beta), ws, seq, num_k_heads, num_v_heads, c0,
             seg, scale);
         state_kernel<T><<<state_blocks, kStateThreads, kStateSmemBytes<T>, stream>>>(
