@@ -1,14 +1,14 @@
 // Fast gated delta rule kernels (Dk = 128, Dv a multiple of 32), chosen by q3n_linear_attention when the
 // shapes fit; the token-serial kernel in kernel.cu stays the fallback and the oracle.
 //
-// decode_kernel: 1..4 tokens per call (decode, speculative verification). Memory-bound on the state
-//   (64 KiB per head in float32), so the state is read once into registers, all tokens are applied
-//   there, and it is written once. Block = (batch, value head, 32 state columns), 128 threads; thread
-//   (warp w, lane) holds 8 rows x 4 columns as float4, rows w*4 + lane/8 + 16*r, so each warp load
-//   covers 4 whole 128-byte row segments. Per token the two column reductions it needs (S^T k and
-//   S^T q) come from one pass over the old state:
-//       pred = g S^T k,  d = beta (v - pred),  o = g S^T q + d (k.q),  S <- g S + k d^T
-//   (o = S_new^T q expanded), so one shared-memory reduction round per token.
+// decode_kernel<T, NT>: NT = 1..4 tokens per call (decode, speculative verification). Memory-bound on
+//   the state (64 KiB per head in float32), so the state is read once into registers, all tokens are
+//   applied there, and it is written once. Block = (batch, value head, 32 state columns), 128 threads;
+//   thread (warp w, lane) holds 8 rows x 4 columns as float4, rows w*4 + lane/8 + 16*r, so each warp
+//   load covers 4 whole 128-byte row segments. The NT tokens are applied in the chunked form (a chunk
+//   of NT): one pass over the old state gives S^T k_t and S^T q_t of every token, one shared-memory
+//   reduction sums them, each thread solves the small triangular system for its columns' deltas, and
+//   a second pass applies all NT rank-1 updates: one reduction and barrier per call, not per token.
 //
 // chunk_kernel / chunk_tc_kernel: prefill, the chunked WY form of model/gated_delta_rule.py with
 //   chunks of 64 tokens. Block = (batch, value head, 32 state columns), 256 threads, the state slice
@@ -45,21 +45,47 @@ constexpr int kDecWarps = 4;
 constexpr int kDecThreads = 32 * kDecWarps;
 constexpr int kDecRows = kDk / (4 * kDecWarps);  // 8 rows per thread
 
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, float v[4]) {
+// Sums x[0..V) over the 4 lanes of a column group (lanes cg, cg + 8, cg + 16, cg + 24) and leaves lane
+// cg + 8 r with sums r V/4 .. (r + 1) V/4 - 1: two halving exchanges, 3V/4 shuffles (an all-reduce
+// takes 2V).
+template <int V>
+__device__ __forceinline__ void reduce_scatter4(const float (&x)[V], float (&out)[V / 4], int lane) {
+    static_assert(V % 4 == 0, "four lanes");
+    const bool hi1 = lane & 16, hi0 = lane & 8;
+    float y[V / 2];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) v[c] = load(p, c);
+    for (int i = 0; i < V / 2; ++i) {
+        const float send = hi1 ? x[i] : x[i + V / 2], keep = hi1 ? x[i + V / 2] : x[i];
+        y[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+    }
+#pragma unroll
+    for (int i = 0; i < V / 4; ++i) {
+        const float send = hi0 ? y[i] : y[i + V / 4], keep = hi0 ? y[i + V / 4] : y[i];
+        out[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+    }
 }
 
-template <typename T>
+// NT tokens at once (the chunked form over NT <= 4 tokens, G_t = sum of the log decays up to t,
+// a_t = S^T k_t and b_t = S^T q_t of the state S the call starts from):
+//     d_t = beta_t (v_t - e^G_t a_t - sum_{j<t} e^(G_t-G_j) (k_j.k_t) d_j)
+//     o_t = e^G_t b_t + sum_{j<=t} e^(G_t-G_j) (k_j.q_t) d_j
+//     S  <- e^G_last S + sum_j e^(G_last-G_j) k_j d_j^T
+// so the state is passed over twice (all a_t, b_t; then the update) with a single block reduction
+// between, instead of one reduction round and barrier per token.
+template <typename T, int NT>
 __global__ void __launch_bounds__(kDecThreads, 7) decode_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* past_state,
-    const T* __restrict__ decay, const T* __restrict__ beta, T* __restrict__ out, float* present_state, int seq,
+    const T* __restrict__ decay, const T* __restrict__ beta, T* __restrict__ out, float* present_state,
     int num_k_heads, int num_v_heads, int head_v_dim, float scale) {
-    __shared__ float qs[kMaxDecodeTokens][kDk];
-    __shared__ float ks[kMaxDecodeTokens][kDk];
-    __shared__ float kq[kMaxDecodeTokens];
-    __shared__ float4 red[2][kDecWarps][2][kCols / 4];  // [token parity][warp][S^T k, S^T q][column group]
+    static_assert(NT >= 1 && NT <= kMaxDecodeTokens, "1..4 tokens");
+    __shared__ float4 kt[kDk];  // k_t[row] for t = 0..3
+    __shared__ float4 qt[kDk];  // scale q_t[row]
+    __shared__ float4 kw[kDk];  // e^(G_last-G_j) k_j[row]
+    __shared__ float kk[NT][NT];  // e^(G_t-G_j) k_j.k_t (j < t) in kk[j][t]; e^(G_t-G_j) k_j.q_t (j <= t) in kq[j][t]
+    __shared__ float kq[NT][NT];
+    __shared__ float4 red[kDecWarps][2][NT][kCols / 4];  // per warp: a_t, b_t partial sums by column group
+    __shared__ float Gs[NT], Es[NT], Bs[NT];  // G_t, e^G_t, beta_t
+    __shared__ float4 vs[NT][kCols / 4];     // v_t of this block's columns
 
     const int Dv = head_v_dim;
     const int slices = Dv / kCols;
@@ -82,104 +108,153 @@ __global__ void __launch_bounds__(kDecThreads, 7) decode_kernel(
                           : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 
-    // Every per-token input is loaded up front (unrolled over the at most 4 tokens), so the block
-    // waits for one round trip to memory, not one per token.
+    // Every per-token input is loaded up front, so the block waits for one round trip to memory.
     const int64_t qk_stride = (int64_t)num_k_heads * kDk;
     const int64_t v_stride = (int64_t)num_v_heads * Dv;
-    float kin[kMaxDecodeTokens], qin[kMaxDecodeTokens], gate[kMaxDecodeTokens], b_t[kMaxDecodeTokens];
-    float vv[kMaxDecodeTokens][4];
+    float kin[4] = {}, qin[4] = {}, G[NT], b_t[NT];
 #pragma unroll
-    for (int t = 0; t < kMaxDecodeTokens; ++t) {
-        if (t < seq) {
-            const int64_t token = (int64_t)b * seq + t;
-            const int64_t off = token * qk_stride + (int64_t)kh * kDk + threadIdx.x;
-            kin[t] = load(k, off);
-            qin[t] = load(q, off);
-            gate[t] = load(decay, token * num_v_heads + h);
-            b_t[t] = load(beta, token * num_v_heads + h);
-            load4(v + token * v_stride + (int64_t)h * Dv + col, vv[t]);
-        }
+    for (int t = 0; t < NT; ++t) {
+        const int64_t token = (int64_t)b * NT + t;
+        const int64_t off = token * qk_stride + (int64_t)kh * kDk + threadIdx.x;
+        kin[t] = load(k, off);
+        qin[t] = load(q, off) * scale;
+        G[t] = load(decay, token * num_v_heads + h);
+        b_t[t] = load(beta, token * num_v_heads + h);
     }
+    // v of the block's columns, one element per thread (through shared memory: 16 fewer registers)
+    const float v_in = threadIdx.x < NT * kCols
+                           ? load(v, ((int64_t)b * NT + threadIdx.x / kCols) * v_stride + (int64_t)h * Dv +
+                                         slice * kCols + threadIdx.x % kCols)
+                           : 0.f;
 #pragma unroll
-    for (int t = 0; t < kMaxDecodeTokens; ++t) {
-        if (t < seq) {
-            ks[t][threadIdx.x] = kin[t];
-            qs[t][threadIdx.x] = qin[t] * scale;
-            gate[t] = expf(gate[t]);
-        }
-    }
-    __syncthreads();
-    if (warp < seq) {
-        float acc = 0.f;
-        for (int i = lane; i < kDk; i += 32) acc += ks[warp][i] * qs[warp][i];
-        acc = q3n::warp_sum(acc);
-        if (lane == 0) kq[warp] = acc;
+    for (int t = 1; t < NT; ++t) G[t] += G[t - 1];
+    {
+        float w[4] = {};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) w[j] = expf(G[NT - 1] - G[j]) * kin[j];
+        kt[threadIdx.x] = make_float4(kin[0], kin[1], kin[2], kin[3]);
+        qt[threadIdx.x] = make_float4(qin[0], qin[1], qin[2], qin[3]);
+        kw[threadIdx.x] = make_float4(w[0], w[1], w[2], w[3]);
+        if (threadIdx.x < NT * kCols) reinterpret_cast<float*>(vs)[threadIdx.x] = v_in;
+        if (threadIdx.x == 0)
+#pragma unroll
+            for (int t = 0; t < NT; ++t) Gs[t] = G[t], Es[t] = expf(G[t]), Bs[t] = b_t[t];
     }
     __syncthreads();
 
+    // The NT^2 token-pair products (NT (NT-1) / 2 of k.k, NT (NT+1) / 2 of k.q), a warp each in turn;
+    // read after the reduction barrier below.
 #pragma unroll
-    for (int t = 0; t < kMaxDecodeTokens; ++t) {
-        if (t >= seq) break;
-        const int64_t token = (int64_t)b * seq + t;
-        float pk[4] = {0.f, 0.f, 0.f, 0.f}, pq[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int p = warp; p < NT * NT; p += kDecWarps) {
+        const int j = p / NT, t = p % NT;
+        const bool is_kq = j <= t;  // pair (j, t): k_j.q_t when j <= t, else k_t.k_j (t < j)
+        const int lo = is_kq ? j : t, hi_t = is_kq ? t : j;
+        const float* a = reinterpret_cast<const float*>(kt) + lo;
+        const float* c = reinterpret_cast<const float*>(is_kq ? qt : kt) + hi_t;
+        float acc = 0.f;
+#pragma unroll
+        for (int i = lane; i < kDk; i += 32) acc += a[4 * i] * c[4 * i];
+        acc = q3n::warp_sum(acc);
+        if (lane == 0) {
+            const float e = expf(Gs[hi_t] - Gs[lo]);
+            if (is_kq)
+                kq[lo][hi_t] = e * acc;
+            else
+                kk[lo][hi_t] = e * acc;
+        }
+    }
+
+    // Pass 1: a_t and b_t over this thread's 8 rows, kMaxTT tokens at a time (8 kMaxTT accumulators),
+    // summed over the warp's rows (reduce_scatter4) into red.
+    constexpr int kMaxTT = 2;
+#pragma unroll
+    for (int t0 = 0; t0 < NT; t0 += kMaxTT) {
+        float acc[2 * kMaxTT * 4] = {};  // [a / b][token t0 + u][column]; tokens past NT stay zero
 #pragma unroll
         for (int r = 0; r < kDecRows; ++r) {
             const int row = r * 16 + warp * 4 + rsub;
-            const float kk = ks[t][row], qq = qs[t][row];
+            const float4 k4 = kt[row], q4 = qt[row];
+            const float kv[4] = {k4.x, k4.y, k4.z, k4.w}, qv[4] = {q4.x, q4.y, q4.z, q4.w};
             const float sv[4] = {s[r].x, s[r].y, s[r].z, s[r].w};
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                pk[c] += sv[c] * kk;
-                pq[c] += sv[c] * qq;
-            }
-        }
+            for (int u = 0; u < kMaxTT; ++u)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
+                for (int c = 0; c < 4; ++c) {
+                    if (t0 + u < NT) {
+                        acc[u * 4 + c] += sv[c] * kv[t0 + u];
+                        acc[(kMaxTT + u) * 4 + c] += sv[c] * qv[t0 + u];
+                    }
+                }
+        }
+        float part[2 * kMaxTT];
+        reduce_scatter4<8 * kMaxTT>(acc, part, lane);  // lane rsub: a / b = rsub / 2
+        if constexpr (kMaxTT == 2) {  // token t0 + rsub % 2, all 4 columns
+            if (t0 + (rsub & 1) < NT)
+                red[warp][rsub >> 1][t0 + (rsub & 1)][cg] = make_float4(part[0], part[1], part[2], part[3]);
+        } else {  // token t0, columns 2 (rsub % 2) ..
+            float* dst = reinterpret_cast<float*>(&red[warp][rsub >> 1][t0][cg]) + 2 * (rsub & 1);
+            dst[0] = part[0], dst[1] = part[1];
+        }
+    }
+    __syncthreads();
+
+    // Deltas of this thread's 4 columns, every token (each thread redundantly: no second barrier).
+    float d[NT][4];
 #pragma unroll
-            for (int o = 8; o < 32; o <<= 1) {
-                pk[c] += __shfl_xor_sync(0xffffffffu, pk[c], o);
-                pq[c] += __shfl_xor_sync(0xffffffffu, pq[c], o);
-            }
-        }
-        // Buffers alternate by token: the barrier of token t+1 separates token t's reads from
-        // token t+2's writes.
-        if (rsub == 0) {
-            red[t & 1][warp][0][cg] = make_float4(pk[0], pk[1], pk[2], pk[3]);
-            red[t & 1][warp][1][cg] = make_float4(pq[0], pq[1], pq[2], pq[3]);
-        }
-        __syncthreads();
-        float sk[4] = {0.f, 0.f, 0.f, 0.f}, sq[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int t = 0; t < NT; ++t) {
+        float a[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int w = 0; w < kDecWarps; ++w) {
-            const float4 a = red[t & 1][w][0][cg], c4 = red[t & 1][w][1][cg];
-            sk[0] += a.x, sk[1] += a.y, sk[2] += a.z, sk[3] += a.w;
-            sq[0] += c4.x, sq[1] += c4.y, sq[2] += c4.z, sq[3] += c4.w;
+            const float4 p = red[w][0][t][cg];
+            a[0] += p.x, a[1] += p.y, a[2] += p.z, a[3] += p.w;
         }
-        float d[4], o[4];
+        const float gt = Es[t], bt = Bs[t];
+        const float4 v4 = vs[t][cg];
+        const float vv[4] = {v4.x, v4.y, v4.z, v4.w};
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            d[c] = b_t[t] * (vv[t][c] - gate[t] * sk[c]);
-            o[c] = gate[t] * sq[c] + d[c] * kq[t];
-        }
-        if (warp == 0 && rsub == 0) {
-            T* dst = out + token * v_stride + (int64_t)h * Dv + col;
+            float x = vv[c] - gt * a[c];
 #pragma unroll
-            for (int c = 0; c < 4; ++c) store(dst, c, o[c]);
+            for (int j = 0; j < t; ++j) x -= kk[j][t] * d[j][c];
+            d[t][c] = bt * x;
         }
+    }
+    // Outputs: token t by warp t's first lane of each column group.
+    if (rsub == 0 && warp < NT) {
 #pragma unroll
-        for (int r = 0; r < kDecRows; ++r) {
-            const float kk = ks[t][r * 16 + warp * 4 + rsub];
-            s[r].x = gate[t] * s[r].x + kk * d[0];
-            s[r].y = gate[t] * s[r].y + kk * d[1];
-            s[r].z = gate[t] * s[r].z + kk * d[2];
-            s[r].w = gate[t] * s[r].w + kk * d[3];
+        for (int t = 0; t < NT; ++t) {
+            if (t != warp) continue;
+            float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int w = 0; w < kDecWarps; ++w) {
+                const float4 p = red[w][1][t][cg];
+                o[0] += p.x, o[1] += p.y, o[2] += p.z, o[3] += p.w;
+            }
+            const float gt = Es[t];
+            T* dst = out + ((int64_t)b * NT + t) * v_stride + (int64_t)h * Dv + col;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                float x = gt * o[c];
+#pragma unroll
+                for (int j = 0; j <= t; ++j) x += kq[j][t] * d[j][c];
+                store(dst, c, x);
+            }
         }
     }
 
+    // Pass 2: S <- e^G_last S + sum_j (e^(G_last-G_j) k_j) d_j^T
+    const float g_last = Es[NT - 1];
 #pragma unroll
     for (int r = 0; r < kDecRows; ++r) {
         const int row = r * 16 + warp * 4 + rsub;
-        *reinterpret_cast<float4*>(present_state + base + (int64_t)row * Dv) = s[r];
+        const float4 w4 = kw[row];
+        const float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+        float sv[4] = {g_last * s[r].x, g_last * s[r].y, g_last * s[r].z, g_last * s[r].w};
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) sv[c] += wv[j] * d[j][c];
+        *reinterpret_cast<float4*>(present_state + base + (int64_t)row * Dv) = make_float4(sv[0], sv[1], sv[2], sv[3]);
     }
 }
 
@@ -716,10 +791,18 @@ int launch_decode(const void* q, const void* k, const void* v, const float* past
                   const void* beta, void* out, float* present_state, int batch, int seq, int num_k_heads,
                   int num_v_heads, int head_v_dim, float scale, cudaStream_t stream) {
     const int blocks = batch * num_v_heads * (head_v_dim / kCols);
-    decode_kernel<T><<<blocks, kDecThreads, 0, stream>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), past_state,
-        static_cast<const T*>(decay), static_cast<const T*>(beta), static_cast<T*>(out), present_state, seq,
-        num_k_heads, num_v_heads, head_v_dim, scale);
+    const auto launch = [&](auto kernel) {
+        kernel<<<blocks, kDecThreads, 0, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
+                                                   static_cast<const T*>(v), past_state, static_cast<const T*>(decay),
+                                                   static_cast<const T*>(beta), static_cast<T*>(out), present_state,
+                                                   num_k_heads, num_v_heads, head_v_dim, scale);
+    };
+    switch (seq) {  // the dispatch only sends 1 <= seq <= kMaxDecodeTokens
+        case 1: launch(decode_kernel<T, 1>); break;
+        case 2: launch(decode_kernel<T, 2>); break;
+        case 3: launch(decode_kernel<T, 3>); break;
+        default: launch(decode_kernel<T, 4>); break;
+    }
     return q3n::launch_status();
 }
 
