@@ -98,6 +98,18 @@ __device__ __forceinline__ void launch_dependents() {
 #endif
 }
 
+// cp.async (sm_80+): 16 bytes global -> shared, or 16 zero bytes when !valid (nothing is read from src then);
+// groups committed and waited for by count.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // Launch `kernel` with programmatic stream serialization when `pdl` is set (device cc >= 90).
 template <typename... KArgs, typename... Args>
 inline cudaError_t launch_kernel(bool pdl, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,

@@ -41,7 +41,7 @@ template <typename T>
 constexpr int kRowLd = sizeof(T) == 2 ? kDk + 8 : kDk + 4;
 
 // ------------------------------------------------------------------------------------------------
-// tf32 mma and cp.async
+// tf32 mma
 
 __device__ __forceinline__ uint32_t tf32_bits(float x) {
     uint32_t r;
@@ -95,16 +95,9 @@ __device__ __forceinline__ void mma3(float d[3][4], const FragA& a, const FragB&
 }
 __device__ __forceinline__ float sum3(const float d[3][4], int e) { return d[0][e] + (d[1][e] + d[2][e]); }
 
-// 16 bytes global -> shared, or 16 zero bytes when !valid (nothing is read from src then).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+using q3n::cp_async16;
+using q3n::cp_async_commit;
+using q3n::cp_async_wait;
 
 // The 64 k (or q) rows of a chunk into rows[64][kRowLd<T>]; rows past `valid` become zeros.
 template <typename T, int kThreads>

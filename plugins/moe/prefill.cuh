@@ -169,11 +169,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
                  : "r"(a));
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
-}
-
 // 2^e as a float for |e| <= 126.
 __device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }
 
@@ -226,9 +221,9 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
         for (int m = 0; m < kBN * kBK / 16 / kThreads; ++m) {
             const int i = tid + m * kThreads, r = i / (kBK / 16), c = (i % (kBK / 16)) * 16;
             const int src = kFc1 ? (r < kBN / 2 ? 2 * r : 2 * (r - kBN / 2) + 1) : r;
-            cp_async16(&st.w[r][c], we + (int64_t)src * K + k0 + c);
+            q3n::cp_async16(&st.w[r][c], we + (int64_t)src * K + k0 + c);
         }
-        asm volatile("cp.async.commit_group;\n" ::);
+        q3n::cp_async_commit();
     };
     // A: thread = (row tid / 4, 32 columns); the row's four threads are neighbouring lanes of one warp
     const auto stage_a = [&](int k0, Stage& st) {
@@ -272,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
     float acc[2][4][4] = {};
     fetch_w(0, sm.st[0]);
     stage_a(0, sm.st[0]);
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    q3n::cp_async_wait<0>();
     __syncthreads();
     const int steps = K / kBK;
     for (int ks = 0; ks < steps; ++ks) {
@@ -323,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
             }
         }
         if (ks + 1 < steps) stage_a((ks + 1) * kBK, sm.st[(ks + 1) & 1]);
-        asm volatile("cp.async.wait_group 0;\n" ::);
+        q3n::cp_async_wait<0>();
         __syncthreads();  // the next step's A and W are in; this step's buffers are free
     }
     // C fragment: rows g, g + 8 of each m-tile, columns 2t, 2t + 1 of each n-tile (the staging buffers are
