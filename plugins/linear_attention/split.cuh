@@ -271,6 +271,42 @@ constexpr int kMPBufs = sizeof(T) == 2 ? 2 : 1;
 template <typename T>
 constexpr int kQOBufs = sizeof(T) == 2 ? 2 : 1;
 
+// bf16 inputs: K S, Q S and K^T (e^(G_last-G) D) on bf16 m16n8k16 mma, fragments by ldmatrix, the state and
+// the scaled deltas split into three bf16 parts (hi + mid + lo: 24 significant bits, float32 level; k and q
+// are exact). float16 / float32 inputs keep the split-tf32 products (an fp16 split would underflow).
+template <typename T>
+constexpr bool kBf16Path = std::is_same<T, __nv_bfloat16>::value;
+
+// x = p0 + p1 + p2 (bf16) to within 2^-24 |x|; two neighbouring values as bf16 pairs (p[part][r][c..c+1]).
+template <int kRows>
+__device__ __forceinline__ void store_split3(__nv_bfloat16 (&p)[3][kRows][kColLd], int r, int c, float x0, float x1) {
+    float rest[2] = {x0, x1};
+#pragma unroll
+    for (int part = 0; part < 3; ++part) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(rest[0], rest[1]);
+        *reinterpret_cast<__nv_bfloat162*>(&p[part][r][c]) = v;
+        rest[0] -= __low2float(v), rest[1] -= __high2float(v);
+    }
+}
+
+// The state slice as step 1's B operand: tf32 high part and remainder, or three bf16 parts.
+template <typename T>
+struct StateCopy {
+    uint32_t h[kDk][kColLd];
+    uint32_t l[kDk][kColLd];
+};
+template <>
+struct StateCopy<__nv_bfloat16> {
+    __nv_bfloat16 p[3][kDk][kColLd];
+};
+// e^(G_last - G_i) D_i in three bf16 parts (step 5's B operand on the bf16 path; nothing otherwise).
+template <typename T>
+struct alignas(16) DeltaCopy {};
+template <>
+struct DeltaCopy<__nv_bfloat16> {
+    __nv_bfloat16 p[3][kSplitC][kColLd];
+};
+
 template <typename T>
 struct StateSmem {
     T K[2][kSplitC][kRowLd<T>];  // double-buffered: the next chunk's k arrives while this one's is in use
@@ -280,8 +316,8 @@ struct StateSmem {
     T V[kSplitC][kCols + 8];
     float G[2][kSplitC];
     float wl[kSplitC];  // e^(G_last - G_i)
-    uint32_t Sh[kDk][kColLd];  // the state slice, split into tf32 high part and remainder (step 1's B);
-    uint32_t Sl[kDk][kColLd];  // the float32 state itself stays in the registers of its row-owner warp
+    StateCopy<T> S;  // the state slice as step 1's B (the float32 state stays in its row-owner warp's registers)
+    DeltaCopy<T> DW;
     float R[kSplitC][kColLd];  // V - e^G K S
     float D[kSplitC][kColLd];  // deltas
     float O[kQOBufs<T>][kSplitC][kColLd];  // scale e^G Q S -> outputs
@@ -328,12 +364,18 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
     float s[4][4];
     const auto publish_state = [&]() {
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j) {
+            if constexpr (kBf16Path<T>) {
+                store_split3(sm.S.p, s_row0 + 16 * j, s_col, s[j][0], s[j][1]);
+                store_split3(sm.S.p, s_row0 + 16 * j + 8, s_col, s[j][2], s[j][3]);
+            } else {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-                split_tf32(s[j][e], false, sm.Sh[r][c], sm.Sl[r][c]);
+                for (int e = 0; e < 4; ++e) {
+                    const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+                    split_tf32(s[j][e], false, sm.S.h[r][c], sm.S.l[r][c]);
+                }
             }
+        }
     };
 #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -375,7 +417,24 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
 
         // 1. [K; Q] S: warps 0-3 K rows 16w.., warps 4-7 Q rows 16(w-4)..
         float acc[4][3][4] = {};
-        {
+        if constexpr (kBf16Path<T>) {
+            const T(*A)[kRowLd<T>] = warp < 4 ? sm.K[kb] : sm.Q[qb];
+            const int r = 16 * (warp & 3) + (lane & 15), hi8 = (lane >> 4) * 8;
+#pragma unroll 2
+            for (int k0 = 0; k0 < kDk; k0 += 16) {
+                uint32_t a[4];
+                q3n::ldmatrix_x4(a, &A[r][k0 + hi8]);
+#pragma unroll
+                for (int part = 0; part < 3; ++part)
+#pragma unroll
+                    for (int np = 0; np < 2; ++np) {  // n-tiles 2 np, 2 np + 1
+                        uint32_t b[4];
+                        q3n::ldmatrix_x4_trans(b, &sm.S.p[part][k0 + (lane & 15)][16 * np + hi8]);
+                        q3n::mma_16816<T>(acc[2 * np][part], a, b);
+                        q3n::mma_16816<T>(acc[2 * np + 1][part], a, b + 2);
+                    }
+            }
+        } else {
             const T(*A)[kRowLd<T>] = warp < 4 ? sm.K[kb] : sm.Q[qb];
             const int r = 16 * (warp & 3) + g;
 #pragma unroll 4
@@ -385,7 +444,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
                     const int c = 8 * nt + g;
-                    const FragB b = {{sm.Sh[k0 + t][c], sm.Sh[k0 + t + 4][c]}, {sm.Sl[k0 + t][c], sm.Sl[k0 + t + 4][c]}};
+                    const FragB b = {{sm.S.h[k0 + t][c], sm.S.h[k0 + t + 4][c]}, {sm.S.l[k0 + t][c], sm.S.l[k0 + t + 4][c]}};
                     mma3<kExact, false>(acc[nt], a, b);
                 }
             }
@@ -441,6 +500,10 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
                 const int r = 16 * (p == 0 ? pm0 : pm1) + g, c = 8 * pair_nt + 2 * t;
                 sm.D[r][c] = sum3(d[p], 0), sm.D[r][c + 1] = sum3(d[p], 1);
                 sm.D[r + 8][c] = sum3(d[p], 2), sm.D[r + 8][c + 1] = sum3(d[p], 3);
+                if constexpr (kBf16Path<T>) {
+                    store_split3(sm.DW.p, r, c, sm.wl[r] * sum3(d[p], 0), sm.wl[r] * sum3(d[p], 1));
+                    store_split3(sm.DW.p, r + 8, c, sm.wl[r + 8] * sum3(d[p], 2), sm.wl[r + 8] * sum3(d[p], 3));
+                }
             }
         }
         __syncthreads();
@@ -468,14 +531,33 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
             float u[4][3][4] = {};
             const T(*Kc)[kRowLd<T>] = sm.K[kb];
             const int c = 8 * s_nt + g;
-#pragma unroll 2
-            for (int k0 = 0; k0 < kSplitC; k0 += 8) {
-                const FragB b = frag_b<false>(sm.wl[k0 + t] * sm.D[k0 + t][c], sm.wl[k0 + t + 4] * sm.D[k0 + t + 4][c]);
+            if constexpr (kBf16Path<T>) {
+                // A = K^T by transposed ldmatrix of K (rows = tokens); B = the deltas' three parts
+                const int m0 = 64 * (warp >> 2) + ((lane >> 3) & 1) * 8, kr = (lane & 7) + ((lane >> 4) & 1) * 8;
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int r = s_row0 + 16 * j;
-                    mma3<kExact, false>(u[j], frag_a<kExact>(q3n::to_float(Kc[k0 + t][r]), q3n::to_float(Kc[k0 + t][r + 8]),
-                                                             q3n::to_float(Kc[k0 + t + 4][r]), q3n::to_float(Kc[k0 + t + 4][r + 8])), b);
+                for (int k0 = 0; k0 < kSplitC; k0 += 16) {
+                    uint32_t b01[4], b2[4];
+                    q3n::ldmatrix_x4_trans(b01, &sm.DW.p[lane >> 4][k0 + (lane & 15)][8 * s_nt]);
+                    q3n::ldmatrix_x4_trans(b2, &sm.DW.p[2][k0 + (lane & 15)][8 * s_nt]);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        uint32_t a[4];
+                        q3n::ldmatrix_x4_trans(a, &Kc[k0 + kr][m0 + 16 * j]);
+                        q3n::mma_16816<T>(u[j][0], a, b01);
+                        q3n::mma_16816<T>(u[j][1], a, b01 + 2);
+                        q3n::mma_16816<T>(u[j][2], a, b2);
+                    }
+                }
+            } else {
+#pragma unroll 2
+                for (int k0 = 0; k0 < kSplitC; k0 += 8) {
+                    const FragB b = frag_b<false>(sm.wl[k0 + t] * sm.D[k0 + t][c], sm.wl[k0 + t + 4] * sm.D[k0 + t + 4][c]);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int r = s_row0 + 16 * j;
+                        mma3<kExact, false>(u[j], frag_a<kExact>(q3n::to_float(Kc[k0 + t][r]), q3n::to_float(Kc[k0 + t][r + 8]),
+                                                                 q3n::to_float(Kc[k0 + t + 4][r]), q3n::to_float(Kc[k0 + t + 4][r + 8])), b);
+                    }
                 }
             }
 #pragma unroll
@@ -539,8 +621,10 @@ constexpr size_t kFactorSmemBytes = sizeof(FactorSmem<T>);
 template <typename T>
 constexpr size_t kStateSmemBytes = sizeof(StateSmem<T>);
 // the largest of either kernel and dtype
+constexpr size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 constexpr size_t kSplitSmemBytes =
-    sizeof(StateSmem<float>) > sizeof(StateSmem<__half>) ? sizeof(StateSmem<float>) : sizeof(StateSmem<__half>);
+    max3(sizeof(StateSmem<float>), sizeof(StateSmem<__half>), sizeof(StateSmem<__nv_bfloat16>));
+static_assert(kSplitSmemBytes <= 232448, "227 KiB: the most an sm_90 block may have");
 
 template <typename T>
 int launch_split(const void* q, const void* k, const void* v, const float* past_state, const void* decay,

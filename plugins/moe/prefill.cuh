@@ -153,22 +153,6 @@ __device__ __forceinline__ void load8<float>(const float* p, float v[8]) {
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
-// mma.sync m16n8k16 with fp16 operands and float32 accumulation.
-__device__ __forceinline__ void mma_f16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Four 8 x 8 matrices of 16-bit elements from shared memory; lane l addresses row l % 8 of matrix l / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
-    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
 // 2^e as a float for |e| <= 126.
 __device__ __forceinline__ float pow2(int e) { return __int_as_float((127 + e) << 23); }
 
@@ -280,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
             {
                 uint32_t raw[4];
                 // matrix j = n-tile j of this warp: rows 32 wn + 8 j + (lane % 8), bytes kk .. kk + 15
-                ldmatrix_x4(raw, &st.w[32 * wn + 8 * (lane >> 3) + (lane & 7)][kk]);
+                q3n::ldmatrix_x4(raw, &st.w[32 * wn + 8 * (lane >> 3) + (lane & 7)][kk]);
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const __half2_raw lo2 = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(raw[j] & 0xffffu), __NV_E4M3);
@@ -296,13 +280,13 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(const T* __restrict__
                 const uint2 h1 = *reinterpret_cast<const uint2*>(&st.a_hi[r + 8][kk + 4 * t]);
                 const uint32_t ah[4] = {h0.x, h1.x, h0.y, h1.y};
 #pragma unroll
-                for (int j = 0; j < 4; ++j) mma_f16(part[i][j], ah, b[j]);
+                for (int j = 0; j < 4; ++j) q3n::mma_16816<__half>(part[i][j], ah, b[j]);
                 if (kSplit) {
                     const uint2 l0 = *reinterpret_cast<const uint2*>(&st.a_lo[r][kk + 4 * t]);
                     const uint2 l1 = *reinterpret_cast<const uint2*>(&st.a_lo[r + 8][kk + 4 * t]);
                     const uint32_t al[4] = {l0.x, l1.x, l0.y, l1.y};
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) mma_f16(part[i][j], al, b[j]);
+                    for (int j = 0; j < 4; ++j) q3n::mma_16816<__half>(part[i][j], al, b[j]);
                 }
             }
         }
