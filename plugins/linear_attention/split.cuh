@@ -13,8 +13,10 @@
 //   every product on mma.m16n8k8 TF32 with float32 accumulation; an operand tf32 does not hold exactly
 //   (the state, M, P, D; float32 k and q) is split into a tf32 high part and remainder and the cross
 //   products are summed (remainder x remainder dropped): float32-level accuracy, as the state is carried
-//   over the whole sequence. 16-bit k, q are exact in tf32 (10 mantissa bits at most). The next chunk's
-//   k, q, v, M, P, G are copied in with cp.async while the current chunk computes.
+//   over the whole sequence. 16-bit k, q are exact in tf32 (10 mantissa bits at most). For bf16 inputs
+//   the products with k or q (K S, Q S, K^T D) run on bf16 m16n8k16 instead, the state and deltas in
+//   three bf16 parts (kBf16Path below). The next chunk's k, q, v, M, P, G are copied in with cp.async
+//   while the current chunk computes.
 // A sequence longer than the workspace holds is walked in segments (factor pass, then state pass, per
 // segment), the state passing through present_state between them.
 #pragma once
