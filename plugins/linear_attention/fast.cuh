@@ -164,12 +164,11 @@ __global__ void __launch_bounds__(kDecThreads, 7) decode_kernel(
         }
     }
 
-    // Pass 1: a_t and b_t over this thread's 8 rows, kMaxTT tokens at a time (8 kMaxTT accumulators),
-    // summed over the warp's rows (reduce_scatter4) into red.
-    constexpr int kMaxTT = 2;
+    // Pass 1: a_t and b_t over this thread's 8 rows, two tokens at a time (16 accumulators), summed over
+    // the warp's rows (reduce_scatter4) into red.
 #pragma unroll
-    for (int t0 = 0; t0 < NT; t0 += kMaxTT) {
-        float acc[2 * kMaxTT * 4] = {};  // [a / b][token t0 + u][column]; tokens past NT stay zero
+    for (int t0 = 0; t0 < NT; t0 += 2) {
+        float acc[16] = {};  // [a / b][token t0 + u][column]; a token past NT stays zero
 #pragma unroll
         for (int r = 0; r < kDecRows; ++r) {
             const int row = r * 16 + warp * 4 + rsub;
@@ -177,24 +176,19 @@ __global__ void __launch_bounds__(kDecThreads, 7) decode_kernel(
             const float kv[4] = {k4.x, k4.y, k4.z, k4.w}, qv[4] = {q4.x, q4.y, q4.z, q4.w};
             const float sv[4] = {s[r].x, s[r].y, s[r].z, s[r].w};
 #pragma unroll
-            for (int u = 0; u < kMaxTT; ++u)
+            for (int u = 0; u < 2; ++u)
 #pragma unroll
                 for (int c = 0; c < 4; ++c) {
                     if (t0 + u < NT) {
                         acc[u * 4 + c] += sv[c] * kv[t0 + u];
-                        acc[(kMaxTT + u) * 4 + c] += sv[c] * qv[t0 + u];
+                        acc[(2 + u) * 4 + c] += sv[c] * qv[t0 + u];
                     }
                 }
         }
-        float part[2 * kMaxTT];
-        reduce_scatter4<8 * kMaxTT>(acc, part, lane);  // lane rsub: a / b = rsub / 2
-        if constexpr (kMaxTT == 2) {  // token t0 + rsub % 2, all 4 columns
-            if (t0 + (rsub & 1) < NT)
-                red[warp][rsub >> 1][t0 + (rsub & 1)][cg] = make_float4(part[0], part[1], part[2], part[3]);
-        } else {  // token t0, columns 2 (rsub % 2) ..
-            float* dst = reinterpret_cast<float*>(&red[warp][rsub >> 1][t0][cg]) + 2 * (rsub & 1);
-            dst[0] = part[0], dst[1] = part[1];
-        }
+        float part[4];
+        reduce_scatter4<16>(acc, part, lane);  // lane rsub: a / b = rsub / 2, token t0 + rsub % 2, 4 columns
+        if (t0 + (rsub & 1) < NT)
+            red[warp][rsub >> 1][t0 + (rsub & 1)][cg] = make_float4(part[0], part[1], part[2], part[3]);
     }
     __syncthreads();
 

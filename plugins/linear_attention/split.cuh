@@ -21,6 +21,7 @@
 // segment), the state passing through present_state between them.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "fast.cuh"
@@ -267,7 +268,7 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
 // start of a chunk, not from after their last use.
 template <typename T>
 constexpr int kMPBufs = sizeof(T) == 2 ? 2 : 1;
-// Q and O double-buffered too for 16-bit inputs (227,072 bytes in all): then nothing but the deltas'
+// Q and O double-buffered too for 16-bit inputs (227,088 bytes in all for fp16, 232,192 for bf16): then nothing but the deltas'
 // and the residuals' barriers separates one chunk's products from the next's (3 barriers per chunk;
 // float32 inputs, single-buffered: 5).
 template <typename T>
@@ -623,9 +624,8 @@ constexpr size_t kFactorSmemBytes = sizeof(FactorSmem<T>);
 template <typename T>
 constexpr size_t kStateSmemBytes = sizeof(StateSmem<T>);
 // the largest of either kernel and dtype
-constexpr size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 constexpr size_t kSplitSmemBytes =
-    max3(sizeof(StateSmem<float>), sizeof(StateSmem<__half>), sizeof(StateSmem<__nv_bfloat16>));
+    std::max({sizeof(StateSmem<float>), sizeof(StateSmem<__half>), sizeof(StateSmem<__nv_bfloat16>)});
 static_assert(kSplitSmemBytes <= 232448, "227 KiB: the most an sm_90 block may have");
 
 template <typename T>
