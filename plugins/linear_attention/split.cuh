@@ -169,6 +169,34 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
         const int mi = job == 0 ? warp : 3 - warp, tiles = 2 * mi + 2;
         const T(*A)[kRowLd<T>] = job == 0 ? sm.in.K : sm.in.Q;
         float(*Gram)[kMPLd] = job == 0 ? sm.Gkk : sm.Gqk;
+        if constexpr (sizeof(T) == 2) {
+            // 16-bit k, q: m16n8k16 on their own type (products exact in float32), fragments by ldmatrix; B = K^T
+            // is K's rows as stored (n-tile pairs: lanes 0-15 the first tile's k halves, 16-31 the second's)
+            float acc[8][4] = {};
+            const int ar = 16 * mi + (lane & 15), ac = (lane >> 4) * 8;
+            const int br = (lane & 7) + ((lane >> 4) & 1) * 8, bc = ((lane >> 3) & 1) * 8;
+#pragma unroll 2
+            for (int k0 = 0; k0 < kDk; k0 += 16) {
+                uint32_t a[4];
+                q3n::ldmatrix_x4(a, &A[ar][k0 + ac]);
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    if (2 * np < tiles) {
+                        uint32_t b[4];
+                        q3n::ldmatrix_x4(b, &sm.in.K[16 * np + br][k0 + bc]);
+                        q3n::mma_16816<T>(acc[2 * np], a, b);
+                        q3n::mma_16816<T>(acc[2 * np + 1], a, b + 2);
+                    }
+                }
+            }
+#pragma unroll
+            for (int nj = 0; nj < 8; ++nj) {
+                if (nj >= tiles) continue;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) Gram[16 * mi + g + (e >> 1) * 8][8 * nj + 2 * t + (e & 1)] = acc[nj][e];
+            }
+            continue;
+        }
         float acc[8][3][4] = {};
 #pragma unroll 2
         for (int k0 = 0; k0 < kDk; k0 += 8) {
