@@ -627,6 +627,277 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
 }
 
 // ------------------------------------------------------------------------------------------------
+// state pass, 16-bit inputs: the column-separable walk
+
+// Every quantity of the walk except K, Q, M, P, V, G splits by state column (R, D, O and the state's
+// columns never mix), so warp pair p (warps p and p + 4, one SM sub-partition) owns n-tile p, 8 of the
+// block's 32 columns, for the whole chunk:
+//   K-warp p:      R = V - e^G K S, then D = M R (R and D through the pair's columns of RD), the update of
+//                  state rows 0-63
+//   Q-warp p + 4:  O = scale e^G Q S (in registers), then O += P D, the update of rows 64-127, the outputs
+// Per chunk: one 64-thread named barrier per pair (D handed from the K-warp to the Q-warp) and one block
+// barrier (the cp.async buffers of K, Q, M, P, V, G rotate, both halves of each state tile published).
+// Every input buffer is double-buffered, so chunk n + 1's copies are issued right after that barrier.
+template <typename T>
+struct ColSmem {
+    T K[2][kSplitC][kRowLd<T>];
+    T Q[2][kSplitC][kRowLd<T>];
+    float M[2][kSplitC][kMPLd];
+    float P[2][kSplitC][kMPLd];
+    T V[2][kSplitC][kCols + 8];
+    float G[2][kSplitC];
+    StateCopy<T> S;
+    DeltaCopy<T> DW;
+    float RD[kSplitC][kColLd];  // each pair's columns: R, then D (written by its K-warp)
+};
+
+// the pair's barrier: ids 1-4 (0 is __syncthreads), its two warps only
+__device__ __forceinline__ void pair_sync(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1) : "memory"); }
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float a, float b) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+        *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+    else
+        *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ ws,
+    T* __restrict__ out, const float* state_in, float* state_out, int seq, int num_k_heads, int num_v_heads,
+    int head_v_dim, int chunk0, int chunks, int seg_chunks, float scale) {
+    static_assert(sizeof(T) == 2, "16-bit inputs (float32 ones take state_kernel)");
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    ColSmem<T>& sm = *reinterpret_cast<ColSmem<T>*>(smem_raw);
+    constexpr int kVec = 16 / sizeof(T);
+    const ChunkBlock cb(num_k_heads, num_v_heads, head_v_dim);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int pair = warp & 3, c8 = 8 * pair;
+    const bool kwarp = warp < 4;
+    const int srow0 = kwarp ? 0 : 64;  // the warp's state rows (update, registers)
+
+    const auto t0_of = [&](int n) { return (chunk0 + n) * kSplitC; };
+    const auto valid_of = [&](int n) { return min(kSplitC, seq - t0_of(n)); };
+    const auto qk_row0 = [&](int n) { return ((int64_t)cb.b * seq + t0_of(n)) * cb.qk_stride + (int64_t)cb.kh * kDk; };
+    const auto factors = [&](int n) { return ws + factor_base(cb.b, cb.h, n, num_v_heads, seg_chunks); };
+    const auto copy_mat = [&](float (*dst)[kMPLd], const float* src) {
+        for (int idx = tid; idx < kSplitC * kSplitC / 4; idx += kStateThreads)
+            cp_async16(&dst[idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4], src + idx * 4, true);
+    };
+    // all of chunk n's inputs into buffer n & 1
+    const auto copy_chunk = [&](int n) {
+        const int bf = n & 1, valid = valid_of(n);
+        copy_rows<T, kStateThreads>(sm.K[bf], k, qk_row0(n), cb.qk_stride, valid);
+        copy_rows<T, kStateThreads>(sm.Q[bf], q, qk_row0(n), cb.qk_stride, valid);
+        copy_mat(sm.M[bf], factors(n));
+        copy_mat(sm.P[bf], factors(n) + kSplitC * kSplitC);
+        constexpr int kPerRow = kCols / kVec;
+        for (int idx = tid; idx < kSplitC * kPerRow; idx += kStateThreads) {
+            const int i = idx / kPerRow, u = idx % kPerRow;
+            cp_async16(&sm.V[bf][i][u * kVec], v + cb.v_off(seq, t0_of(n), i < valid ? i : 0) + u * kVec, i < valid);
+        }
+        if (tid < kSplitC / 4) cp_async16(&sm.G[bf][tid * 4], factors(n) + 2 * kSplitC * kSplitC + tid * 4, true);
+        cp_async_commit();
+    };
+
+    // s[j][e]: state row srow0 + 16 j + g + 8 (e / 2), column c8 + 2t + e % 2 (C-fragment layout)
+    const int s_row0 = srow0 + g, s_col = c8 + 2 * t;
+    float s[4][4];
+    const auto publish_state = [&]() {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if constexpr (kBf16Path<T>) {
+                store_split3(sm.S.p, s_row0 + 16 * j, s_col, s[j][0], s[j][1]);
+                store_split3(sm.S.p, s_row0 + 16 * j + 8, s_col, s[j][2], s[j][3]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+                    split_tf32(s[j][e], false, sm.S.h[r][c], sm.S.l[r][c]);
+                }
+            }
+        }
+    };
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+            s[j][e] = state_in ? state_in[cb.state_base + (int64_t)r * cb.Dv + c] : 0.f;
+        }
+    publish_state();
+    copy_chunk(0);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // D = M R or O += P D on the pair's n-tile: a lower-triangular 64 x 64 A (m-tile mi needs k-steps
+    // 0 .. 2 mi + 1) times RD's columns, split-tf32 (neither operand is a tf32 value)
+    const auto lower_product = [&](const float (*A)[kMPLd], float d[4][3][4]) {
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+            const int k0 = 8 * ks;
+            const FragB b = frag_b<false>(sm.RD[k0 + t][c8 + g], sm.RD[k0 + t + 4][c8 + g]);
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int r = 16 * mi + g;
+                if (ks <= 2 * mi + 1)
+                    mma3<false, false>(d[mi], frag_a<false>(A[r][k0 + t], A[r + 8][k0 + t], A[r][k0 + t + 4], A[r + 8][k0 + t + 4]), b);
+            }
+        }
+    };
+
+#pragma unroll 1
+    for (int n = 0; n < chunks; ++n) {
+        const int bf = n & 1;
+        const float* G = sm.G[bf];
+        if (n + 1 < chunks) copy_chunk(n + 1);  // into the buffers of chunk n - 1, free since the last barrier
+
+        // 1. (K or Q) S on the pair's n-tile, all 64 rows
+        float acc[4][3][4] = {};
+        const T(*A)[kRowLd<T>] = kwarp ? sm.K[bf] : sm.Q[bf];
+        if constexpr (kBf16Path<T>) {
+            const int ar = lane & 15, ac = (lane >> 4) * 8;
+#pragma unroll 2
+            for (int k0 = 0; k0 < kDk; k0 += 16) {
+                uint32_t b01[4], b2[4];  // the state's parts 0, 1 (k halves) and 2
+                q3n::ldmatrix_x4_trans(b01, &sm.S.p[lane >> 4][k0 + (lane & 15)][c8]);
+                q3n::ldmatrix_x4_trans(b2, &sm.S.p[2][k0 + (lane & 15)][c8]);
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi) {
+                    uint32_t a[4];
+                    q3n::ldmatrix_x4(a, &A[16 * mi + ar][k0 + ac]);
+                    q3n::mma_16816<T>(acc[mi][0], a, b01);
+                    q3n::mma_16816<T>(acc[mi][1], a, b01 + 2);
+                    q3n::mma_16816<T>(acc[mi][2], a, b2);
+                }
+            }
+        } else {
+#pragma unroll 4
+            for (int k0 = 0; k0 < kDk; k0 += 8) {
+                const int c = c8 + g;
+                const FragB b = {{sm.S.h[k0 + t][c], sm.S.h[k0 + t + 4][c]}, {sm.S.l[k0 + t][c], sm.S.l[k0 + t + 4][c]}};
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi) {
+                    const int r = 16 * mi + g;
+                    mma3<true, false>(acc[mi], frag_a<true>(q3n::to_float(A[r][k0 + t]), q3n::to_float(A[r + 8][k0 + t]),
+                                                            q3n::to_float(A[r][k0 + t + 4]), q3n::to_float(A[r + 8][k0 + t + 4])), b);
+                }
+            }
+        }
+
+        float o[4][4];  // Q-warp: the outputs of its rows 16 mi + g + 8 (e / 2), columns s_col + e % 2
+        if (kwarp) {
+            // 2. R = V - e^G K S;  3. D = M R; the deltas and, for the bf16 update, e^(G_last - G) D in parts
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = 16 * mi + g + (e >> 1) * 8, c = s_col + (e & 1);
+                    sm.RD[i][c] = q3n::to_float(sm.V[bf][i][c]) - expf(G[i]) * sum3(acc[mi], e);
+                }
+            __syncwarp();
+            float d[4][3][4] = {};
+            lower_product(sm.M[bf], d);
+            __syncwarp();  // every lane is done reading R before D takes its place
+            const float g_last = G[kSplitC - 1];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const int r = 16 * mi + g;
+                const float d0 = sum3(d[mi], 0), d1 = sum3(d[mi], 1), d2 = sum3(d[mi], 2), d3 = sum3(d[mi], 3);
+                sm.RD[r][s_col] = d0, sm.RD[r][s_col + 1] = d1;
+                sm.RD[r + 8][s_col] = d2, sm.RD[r + 8][s_col + 1] = d3;
+                if constexpr (kBf16Path<T>) {
+                    const float w0 = expf(g_last - G[r]), w1 = expf(g_last - G[r + 8]);
+                    store_split3(sm.DW.p, r, s_col, w0 * d0, w0 * d1);
+                    store_split3(sm.DW.p, r + 8, s_col, w1 * d2, w1 * d3);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi) {
+                const float e0 = scale * expf(G[16 * mi + g]), e1 = scale * expf(G[16 * mi + g + 8]);
+                o[mi][0] = e0 * sum3(acc[mi], 0), o[mi][1] = e0 * sum3(acc[mi], 1);
+                o[mi][2] = e1 * sum3(acc[mi], 2), o[mi][3] = e1 * sum3(acc[mi], 3);
+            }
+        }
+        pair_sync(pair);  // D (and DW) of the pair's columns are complete
+
+        if (!kwarp) {
+            // 4. O += P D, then the outputs (rows past the sequence are not written)
+            float pd[4][3][4] = {};
+            lower_product(sm.P[bf], pd);
+            const int valid = valid_of(n);
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int i = 16 * mi + g + 8 * half;
+                    if (i < valid)
+                        store_pair(out + cb.v_off(seq, t0_of(n), i) + s_col, o[mi][2 * half] + sum3(pd[mi], 2 * half),
+                                   o[mi][2 * half + 1] + sum3(pd[mi], 2 * half + 1));
+                }
+        }
+
+        // 5. S <- e^(G_last) S + K^T (e^(G_last - G) D) on the warp's 64 rows of the pair's n-tile
+        {
+            const float e_last = expf(G[kSplitC - 1]);
+            float u[4][3][4] = {};
+            const T(*Kc)[kRowLd<T>] = sm.K[bf];
+            if constexpr (kBf16Path<T>) {
+                // A = K^T by transposed ldmatrix of K (rows = tokens); B = the scaled deltas' three parts
+                const int m0 = srow0 + ((lane >> 3) & 1) * 8, kr = (lane & 7) + ((lane >> 4) & 1) * 8;
+#pragma unroll
+                for (int k0 = 0; k0 < kSplitC; k0 += 16) {
+                    uint32_t b01[4], b2[4];
+                    q3n::ldmatrix_x4_trans(b01, &sm.DW.p[lane >> 4][k0 + (lane & 15)][c8]);
+                    q3n::ldmatrix_x4_trans(b2, &sm.DW.p[2][k0 + (lane & 15)][c8]);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        uint32_t a[4];
+                        q3n::ldmatrix_x4_trans(a, &Kc[k0 + kr][m0 + 16 * j]);
+                        q3n::mma_16816<T>(u[j][0], a, b01);
+                        q3n::mma_16816<T>(u[j][1], a, b01 + 2);
+                        q3n::mma_16816<T>(u[j][2], a, b2);
+                    }
+                }
+            } else {
+                const float g_last = G[kSplitC - 1];
+                const int c = c8 + g;
+#pragma unroll 2
+                for (int k0 = 0; k0 < kSplitC; k0 += 8) {
+                    const FragB b = frag_b<false>(expf(g_last - G[k0 + t]) * sm.RD[k0 + t][c],
+                                                  expf(g_last - G[k0 + t + 4]) * sm.RD[k0 + t + 4][c]);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int r = s_row0 + 16 * j;
+                        mma3<true, false>(u[j], frag_a<true>(q3n::to_float(Kc[k0 + t][r]), q3n::to_float(Kc[k0 + t][r + 8]),
+                                                             q3n::to_float(Kc[k0 + t + 4][r]), q3n::to_float(Kc[k0 + t + 4][r + 8])), b);
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] = e_last * s[j][e] + sum3(u[j], e);
+            publish_state();
+        }
+        // chunk n + 1's inputs have landed, both halves of every state tile are published, and every warp is
+        // done with chunk n's buffers (chunk n + 2's copies go there next)
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+            state_out[cb.state_base + (int64_t)r * cb.Dv + c] = s[j][e];
+        }
+}
+
+// ------------------------------------------------------------------------------------------------
 // host side
 
 // Chunks per segment that `workspace_bytes` holds (0: not even one).
@@ -649,11 +920,19 @@ inline size_t split_workspace_size(int batch, int seq, int num_v_heads) {
 
 template <typename T>
 constexpr size_t kFactorSmemBytes = sizeof(FactorSmem<T>);
+// the state pass: the column-separable walk for 16-bit inputs, state_kernel for float32 ones
 template <typename T>
-constexpr size_t kStateSmemBytes = sizeof(StateSmem<T>);
+constexpr size_t kStateSmemBytes = sizeof(T) == 2 ? sizeof(ColSmem<T>) : sizeof(StateSmem<T>);
+template <typename T>
+constexpr auto state_pass() {
+    if constexpr (sizeof(T) == 2)
+        return state_columns_kernel<T>;
+    else
+        return state_kernel<T>;
+}
 // the largest of either kernel and dtype
 constexpr size_t kSplitSmemBytes =
-    std::max({sizeof(StateSmem<float>), sizeof(StateSmem<__half>), sizeof(StateSmem<__nv_bfloat16>)});
+    std::max({kStateSmemBytes<float>, kStateSmemBytes<__half>, kStateSmemBytes<__nv_bfloat16>});
 static_assert(kSplitSmemBytes <= 232448, "227 KiB: the most an sm_90 block may have");
 
 template <typename T>
@@ -667,7 +946,7 @@ int launch_split(const void* q, const void* k, const void* v, const float* past_
     cudaError_t err = cudaFuncSetAttribute(factor_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            (int)kFactorSmemBytes<T>);
     if (err == cudaSuccess)
-        err = cudaFuncSetAttribute(state_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kStateSmemBytes<T>);
+        err = cudaFuncSetAttribute(state_pass<T>(), cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kStateSmemBytes<T>);
     if (err != cudaSuccess) {
         cudaGetLastError();
         return static_cast<int>(err);
@@ -681,7 +960,7 @@ int launch_split(const void* q, const void* k, const void* v, const float* past_
         factor_kernel<T><<<dim3(n, num_k_heads, batch), kFactorThreads, kFactorSmemBytes<T>, stream>>>(
             qt, kt, static_cast<const T*>(decay), static_cast<const T*>(beta), ws, seq, num_k_heads, num_v_heads, c0,
             seg, scale);
-        state_kernel<T><<<state_blocks, kStateThreads, kStateSmemBytes<T>, stream>>>(
+        state_pass<T>()<<<state_blocks, kStateThreads, kStateSmemBytes<T>, stream>>>(
             qt, kt, static_cast<const T*>(v), ws, static_cast<T*>(out), c0 == 0 ? past_state : present_state,
             present_state, seq, num_k_heads, num_v_heads, head_v_dim, c0, n, seg, scale);
         const int rc = q3n::launch_status();
