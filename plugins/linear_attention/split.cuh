@@ -46,12 +46,6 @@ constexpr int kRowLd = sizeof(T) == 2 ? kDk + 8 : kDk + 4;
 // ------------------------------------------------------------------------------------------------
 // tf32 mma
 
-__device__ __forceinline__ uint32_t tf32_bits(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-
 __device__ __forceinline__ void mma_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
     asm volatile(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -67,9 +61,12 @@ struct FragA {
 struct FragB {
     uint32_t hi[2], lo[2];
 };
+// hi: x rounded to tf32 (nearest, ties away) by integer arithmetic, 2 instructions where cvt.rna.tf32 takes 4
+// (its infinity / NaN test and select); lo: the remainder truncated to tf32. A NaN may lose its NaN-ness in hi
+// (0x7fffffff + 0x1000 wraps) but lo = x - hi is NaN and truncation keeps it, so NaN still propagates.
 __device__ __forceinline__ void split_tf32(float x, bool exact, uint32_t& hi, uint32_t& lo) {
-    hi = exact ? __float_as_uint(x) : tf32_bits(x);
-    lo = exact ? 0u : tf32_bits(x - __uint_as_float(hi));
+    hi = exact ? __float_as_uint(x) : (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
+    lo = exact ? 0u : __float_as_uint(x - __uint_as_float(hi)) & 0xffffe000u;
 }
 template <bool kExact>
 __device__ __forceinline__ FragA frag_a(float a0, float a1, float a2, float a3) {
@@ -679,25 +676,37 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
 
     const auto t0_of = [&](int n) { return (chunk0 + n) * kSplitC; };
     const auto valid_of = [&](int n) { return min(kSplitC, seq - t0_of(n)); };
-    const auto qk_row0 = [&](int n) { return ((int64_t)cb.b * seq + t0_of(n)) * cb.qk_stride + (int64_t)cb.kh * kDk; };
-    const auto factors = [&](int n) { return ws + factor_base(cb.b, cb.h, n, num_v_heads, seg_chunks); };
-    const auto copy_mat = [&](float (*dst)[kMPLd], const float* src) {
-        for (int idx = tid; idx < kSplitC * kSplitC / 4; idx += kStateThreads)
-            cp_async16(&dst[idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4], src + idx * 4, true);
-    };
-    // all of chunk n's inputs into buffer n & 1
+    // Copy plan, the same for every chunk up to one chunk's stride (the per-chunk address arithmetic was a
+    // fifth of the kernel's instructions): thread tid moves 16 bytes of k and of q on rows kq_row + 16 m
+    // (m < 4), float4 tid + 256 m of M and of P, 16 bytes of v on row tid / 4, and float4 tid of G (tid < 16).
+    static_assert(kSplitC * kDk / kVec == 4 * kStateThreads && kSplitC * kSplitC / 4 == 4 * kStateThreads &&
+                      kSplitC * kCols / kVec == kStateThreads, "the copy plan's shape");
+    const int kq_row = tid / (kDk / kVec), kq_col = (tid % (kDk / kVec)) * kVec, v_row = tid / (kCols / kVec);
+    const int64_t kq0 = ((int64_t)cb.b * seq + t0_of(0)) * cb.qk_stride + (int64_t)cb.kh * kDk + kq_col;
+    const int64_t kq_chunk = (int64_t)kSplitC * cb.qk_stride, kq_16rows = 16 * cb.qk_stride;
+    const int64_t kq_rows = (int64_t)kq_row * cb.qk_stride;
+    const float* f0 = ws + factor_base(cb.b, cb.h, 0, num_v_heads, seg_chunks) + 4 * tid;
+    const T* v0 = v + cb.v_off(seq, t0_of(0), 0) + (tid % (kCols / kVec)) * kVec;
     const auto copy_chunk = [&](int n) {
         const int bf = n & 1, valid = valid_of(n);
-        copy_rows<T, kStateThreads>(sm.K[bf], k, qk_row0(n), cb.qk_stride, valid);
-        copy_rows<T, kStateThreads>(sm.Q[bf], q, qk_row0(n), cb.qk_stride, valid);
-        copy_mat(sm.M[bf], factors(n));
-        copy_mat(sm.P[bf], factors(n) + kSplitC * kSplitC);
-        constexpr int kPerRow = kCols / kVec;
-        for (int idx = tid; idx < kSplitC * kPerRow; idx += kStateThreads) {
-            const int i = idx / kPerRow, u = idx % kPerRow;
-            cp_async16(&sm.V[bf][i][u * kVec], v + cb.v_off(seq, t0_of(n), i < valid ? i : 0) + u * kVec, i < valid);
+        const int64_t kq = kq0 + n * kq_chunk;
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const int i = kq_row + 16 * m;
+            const int64_t off = i < valid ? kq + kq_rows + m * kq_16rows : kq;  // rows past the sequence: zeros
+            cp_async16(&sm.K[bf][i][kq_col], k + off, i < valid);
+            cp_async16(&sm.Q[bf][i][kq_col], q + off, i < valid);
         }
-        if (tid < kSplitC / 4) cp_async16(&sm.G[bf][tid * 4], factors(n) + 2 * kSplitC * kSplitC + tid * 4, true);
+        const float* f = f0 + (int64_t)n * kFactorFloats;
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            const int idx = tid + kStateThreads * m;
+            cp_async16(&sm.M[bf][idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4], f + kStateThreads * 4 * m, true);
+            cp_async16(&sm.P[bf][idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4], f + kSplitC * kSplitC + kStateThreads * 4 * m, true);
+        }
+        const T* vp = v0 + (int64_t)n * kSplitC * cb.v_stride;
+        cp_async16(&sm.V[bf][v_row][(tid % (kCols / kVec)) * kVec], vp + (v_row < valid ? v_row : 0) * cb.v_stride, v_row < valid);
+        if (tid < kSplitC / 4) cp_async16(&sm.G[bf][tid * 4], f + 2 * kSplitC * kSplitC, true);
         cp_async_commit();
     };
 
