@@ -628,13 +628,12 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
 
 // Every quantity of the walk except K, Q, M, P, V, G splits by state column (R, D, O and the state's
 // columns never mix), so warp pair p (warps p and p + 4, one SM sub-partition) owns n-tile p, 8 of the
-// block's 32 columns, for the whole chunk:
-//   K-warp p:      R = V - e^G K S, then D = M R (R and D through the pair's columns of RD), the update of
-//                  state rows 0-63
-//   Q-warp p + 4:  O = scale e^G Q S (in registers), then O += P D, the update of rows 64-127, the outputs
-// Per chunk: one 64-thread named barrier per pair (D handed from the K-warp to the Q-warp) and one block
-// barrier (the cp.async buffers of K, Q, M, P, V, G rotate, both halves of each state tile published).
-// Every input buffer is double-buffered, so chunk n + 1's copies are issued right after that barrier.
+// block's 32 columns, for the whole chunk, its two warps sharing the work evenly:
+//   K-warp p:      R = V - e^G K S;  D = M R on m-tiles 0, 3;  the state update (all 128 rows, registers)
+//   Q-warp p + 4:  O = scale e^G Q S (registers);  D = M R on m-tiles 1, 2;  O += P D and the outputs
+// Per chunk: two 64-thread named barriers per pair (R, then D, complete) and one block barrier (the
+// cp.async buffers of K, Q, M, P, V, G rotate; the state tiles are published). Every input buffer is
+// double-buffered, so chunk n + 1's copies are issued right after that barrier.
 template <typename T>
 struct ColSmem {
     T K[2][kSplitC][kRowLd<T>];
@@ -645,7 +644,8 @@ struct ColSmem {
     float G[2][kSplitC];
     StateCopy<T> S;
     DeltaCopy<T> DW;
-    float RD[kSplitC][kColLd];  // each pair's columns: R, then D (written by its K-warp)
+    float R[kSplitC][kColLd];  // each pair's columns
+    float D[kSplitC][kColLd];
 };
 
 // the pair's barrier: ids 1-4 (0 is __syncthreads), its two warps only
@@ -672,7 +672,6 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     const int pair = warp & 3, c8 = 8 * pair;
     const bool kwarp = warp < 4;
-    const int srow0 = kwarp ? 0 : 64;  // the warp's state rows (update, registers)
 
     const auto t0_of = [&](int n) { return (chunk0 + n) * kSplitC; };
     const auto valid_of = [&](int n) { return min(kSplitC, seq - t0_of(n)); };
@@ -710,12 +709,12 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
         cp_async_commit();
     };
 
-    // s[j][e]: state row srow0 + 16 j + g + 8 (e / 2), column c8 + 2t + e % 2 (C-fragment layout)
-    const int s_row0 = srow0 + g, s_col = c8 + 2 * t;
-    float s[4][4];
+    // K-warp: s[j][e] = state row 16 j + g + 8 (e / 2), column c8 + 2t + e % 2 (C-fragment layout)
+    const int s_row0 = g, s_col = c8 + 2 * t;
+    float s[8][4];
     const auto publish_state = [&]() {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < 8; ++j) {
             if constexpr (kBf16Path<T>) {
                 store_split3(sm.S.p, s_row0 + 16 * j, s_col, s[j][0], s[j][1]);
                 store_split3(sm.S.p, s_row0 + 16 * j + 8, s_col, s[j][2], s[j][3]);
@@ -728,30 +727,33 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
             }
         }
     };
+    if (kwarp) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-            s[j][e] = state_in ? state_in[cb.state_base + (int64_t)r * cb.Dv + c] : 0.f;
-        }
-    publish_state();
+            for (int e = 0; e < 4; ++e) {
+                const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+                s[j][e] = state_in ? state_in[cb.state_base + (int64_t)r * cb.Dv + c] : 0.f;
+            }
+        publish_state();
+    }
     copy_chunk(0);
     cp_async_wait<0>();
     __syncthreads();
 
-    // D = M R or O += P D on the pair's n-tile: a lower-triangular 64 x 64 A (m-tile mi needs k-steps
-    // 0 .. 2 mi + 1) times RD's columns, split-tf32 (neither operand is a tf32 value)
-    const auto lower_product = [&](const float (*A)[kMPLd], float d[4][3][4]) {
+    // D = M R or O += P D on the pair's n-tile, m-tiles mi[0 .. NM): a lower-triangular 64 x 64 A (m-tile mi
+    // needs k-steps 0 .. 2 mi + 1) times B's columns, split-tf32 (neither operand is a tf32 value)
+    const auto lower_product = [&](const float (*A)[kMPLd], const float (*B)[kColLd], auto& d, const int* mis) {
+        constexpr int NM = sizeof(d) / sizeof(d[0]);
 #pragma unroll
         for (int ks = 0; ks < 8; ++ks) {
             const int k0 = 8 * ks;
-            const FragB b = frag_b<false>(sm.RD[k0 + t][c8 + g], sm.RD[k0 + t + 4][c8 + g]);
+            const FragB b = frag_b<false>(B[k0 + t][c8 + g], B[k0 + t + 4][c8 + g]);
 #pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                const int r = 16 * mi + g;
-                if (ks <= 2 * mi + 1)
-                    mma3<false, false>(d[mi], frag_a<false>(A[r][k0 + t], A[r + 8][k0 + t], A[r][k0 + t + 4], A[r + 8][k0 + t + 4]), b);
+            for (int x = 0; x < NM; ++x) {
+                const int r = 16 * mis[x] + g;
+                if (ks <= 2 * mis[x] + 1)
+                    mma3<false, false>(d[x], frag_a<false>(A[r][k0 + t], A[r + 8][k0 + t], A[r][k0 + t + 4], A[r + 8][k0 + t + 4]), b);
             }
         }
     };
@@ -795,33 +797,17 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
             }
         }
 
-        float o[4][4];  // Q-warp: the outputs of its rows 16 mi + g + 8 (e / 2), columns s_col + e % 2
+        // 2. R = V - e^G K S (K-warp); O = scale e^G Q S (Q-warp, registers: rows 16 mi + g + 8 (e / 2),
+        // columns s_col + e % 2)
+        float o[4][4];
         if (kwarp) {
-            // 2. R = V - e^G K S;  3. D = M R; the deltas and, for the bf16 update, e^(G_last - G) D in parts
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = 16 * mi + g + (e >> 1) * 8, c = s_col + (e & 1);
-                    sm.RD[i][c] = q3n::to_float(sm.V[bf][i][c]) - expf(G[i]) * sum3(acc[mi], e);
+                    sm.R[i][c] = q3n::to_float(sm.V[bf][i][c]) - expf(G[i]) * sum3(acc[mi], e);
                 }
-            __syncwarp();
-            float d[4][3][4] = {};
-            lower_product(sm.M[bf], d);
-            __syncwarp();  // every lane is done reading R before D takes its place
-            const float g_last = G[kSplitC - 1];
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                const int r = 16 * mi + g;
-                const float d0 = sum3(d[mi], 0), d1 = sum3(d[mi], 1), d2 = sum3(d[mi], 2), d3 = sum3(d[mi], 3);
-                sm.RD[r][s_col] = d0, sm.RD[r][s_col + 1] = d1;
-                sm.RD[r + 8][s_col] = d2, sm.RD[r + 8][s_col + 1] = d3;
-                if constexpr (kBf16Path<T>) {
-                    const float w0 = expf(g_last - G[r]), w1 = expf(g_last - G[r + 8]);
-                    store_split3(sm.DW.p, r, s_col, w0 * d0, w0 * d1);
-                    store_split3(sm.DW.p, r + 8, s_col, w1 * d2, w1 * d3);
-                }
-            }
         } else {
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi) {
@@ -830,12 +816,35 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
                 o[mi][2] = e1 * sum3(acc[mi], 2), o[mi][3] = e1 * sum3(acc[mi], 3);
             }
         }
+        pair_sync(pair);  // R of the pair's columns is complete
+
+        // 3. D = M R, m-tiles {0, 3} (K-warp) or {1, 2} (Q-warp): equal work under the causal mask; the deltas
+        // and, for the bf16 update, e^(G_last - G) D in parts
+        {
+            const int mis[2] = {kwarp ? 0 : 1, kwarp ? 3 : 2};
+            float d[2][3][4] = {};
+            lower_product(sm.M[bf], sm.R, d, mis);
+            const float g_last = G[kSplitC - 1];
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int r = 16 * mis[x] + g;
+                const float d0 = sum3(d[x], 0), d1 = sum3(d[x], 1), d2 = sum3(d[x], 2), d3 = sum3(d[x], 3);
+                sm.D[r][s_col] = d0, sm.D[r][s_col + 1] = d1;
+                sm.D[r + 8][s_col] = d2, sm.D[r + 8][s_col + 1] = d3;
+                if constexpr (kBf16Path<T>) {
+                    const float w0 = expf(g_last - G[r]), w1 = expf(g_last - G[r + 8]);
+                    store_split3(sm.DW.p, r, s_col, w0 * d0, w0 * d1);
+                    store_split3(sm.DW.p, r + 8, s_col, w1 * d2, w1 * d3);
+                }
+            }
+        }
         pair_sync(pair);  // D (and DW) of the pair's columns are complete
 
         if (!kwarp) {
             // 4. O += P D, then the outputs (rows past the sequence are not written)
+            const int mis[4] = {0, 1, 2, 3};
             float pd[4][3][4] = {};
-            lower_product(sm.P[bf], pd);
+            lower_product(sm.P[bf], sm.D, pd, mis);
             const int valid = valid_of(n);
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi)
@@ -846,64 +855,67 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
                         store_pair(out + cb.v_off(seq, t0_of(n), i) + s_col, o[mi][2 * half] + sum3(pd[mi], 2 * half),
                                    o[mi][2 * half + 1] + sum3(pd[mi], 2 * half + 1));
                 }
-        }
-
-        // 5. S <- e^(G_last) S + K^T (e^(G_last - G) D) on the warp's 64 rows of the pair's n-tile
-        {
+        } else {
+            // 5. S <- e^(G_last) S + K^T (e^(G_last - G) D), all 128 rows of the pair's n-tile, 64 at a time
             const float e_last = expf(G[kSplitC - 1]);
-            float u[4][3][4] = {};
             const T(*Kc)[kRowLd<T>] = sm.K[bf];
-            if constexpr (kBf16Path<T>) {
-                // A = K^T by transposed ldmatrix of K (rows = tokens); B = the scaled deltas' three parts
-                const int m0 = srow0 + ((lane >> 3) & 1) * 8, kr = (lane & 7) + ((lane >> 4) & 1) * 8;
 #pragma unroll
-                for (int k0 = 0; k0 < kSplitC; k0 += 16) {
-                    uint32_t b01[4], b2[4];
-                    q3n::ldmatrix_x4_trans(b01, &sm.DW.p[lane >> 4][k0 + (lane & 15)][c8]);
-                    q3n::ldmatrix_x4_trans(b2, &sm.DW.p[2][k0 + (lane & 15)][c8]);
+            for (int h = 0; h < 2; ++h) {
+                float u[4][3][4] = {};
+                if constexpr (kBf16Path<T>) {
+                    // A = K^T by transposed ldmatrix of K (rows = tokens); B = the scaled deltas' three parts
+                    const int m0 = 64 * h + ((lane >> 3) & 1) * 8, kr = (lane & 7) + ((lane >> 4) & 1) * 8;
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        uint32_t a[4];
-                        q3n::ldmatrix_x4_trans(a, &Kc[k0 + kr][m0 + 16 * j]);
-                        q3n::mma_16816<T>(u[j][0], a, b01);
-                        q3n::mma_16816<T>(u[j][1], a, b01 + 2);
-                        q3n::mma_16816<T>(u[j][2], a, b2);
+                    for (int k0 = 0; k0 < kSplitC; k0 += 16) {
+                        uint32_t b01[4], b2[4];
+                        q3n::ldmatrix_x4_trans(b01, &sm.DW.p[lane >> 4][k0 + (lane & 15)][c8]);
+                        q3n::ldmatrix_x4_trans(b2, &sm.DW.p[2][k0 + (lane & 15)][c8]);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            uint32_t a[4];
+                            q3n::ldmatrix_x4_trans(a, &Kc[k0 + kr][m0 + 16 * j]);
+                            q3n::mma_16816<T>(u[j][0], a, b01);
+                            q3n::mma_16816<T>(u[j][1], a, b01 + 2);
+                            q3n::mma_16816<T>(u[j][2], a, b2);
+                        }
                     }
-                }
-            } else {
-                const float g_last = G[kSplitC - 1];
-                const int c = c8 + g;
+                } else {
+                    const float g_last = G[kSplitC - 1];
+                    const int c = c8 + g;
 #pragma unroll 2
-                for (int k0 = 0; k0 < kSplitC; k0 += 8) {
-                    const FragB b = frag_b<false>(expf(g_last - G[k0 + t]) * sm.RD[k0 + t][c],
-                                                  expf(g_last - G[k0 + t + 4]) * sm.RD[k0 + t + 4][c]);
+                    for (int k0 = 0; k0 < kSplitC; k0 += 8) {
+                        const FragB b = frag_b<false>(expf(g_last - G[k0 + t]) * sm.D[k0 + t][c],
+                                                      expf(g_last - G[k0 + t + 4]) * sm.D[k0 + t + 4][c]);
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const int r = s_row0 + 16 * j;
-                        mma3<true, false>(u[j], frag_a<true>(q3n::to_float(Kc[k0 + t][r]), q3n::to_float(Kc[k0 + t][r + 8]),
-                                                             q3n::to_float(Kc[k0 + t + 4][r]), q3n::to_float(Kc[k0 + t + 4][r + 8])), b);
+                        for (int j = 0; j < 4; ++j) {
+                            const int r = 64 * h + s_row0 + 16 * j;
+                            mma3<true, false>(u[j], frag_a<true>(q3n::to_float(Kc[k0 + t][r]), q3n::to_float(Kc[k0 + t][r + 8]),
+                                                                 q3n::to_float(Kc[k0 + t + 4][r]), q3n::to_float(Kc[k0 + t + 4][r + 8])), b);
+                        }
                     }
                 }
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[4 * h + j][e] = e_last * s[4 * h + j][e] + sum3(u[j], e);
             }
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) s[j][e] = e_last * s[j][e] + sum3(u[j], e);
             publish_state();
         }
-        // chunk n + 1's inputs have landed, both halves of every state tile are published, and every warp is
-        // done with chunk n's buffers (chunk n + 2's copies go there next)
+        // chunk n + 1's inputs have landed, the state tiles are published, and every warp is done with chunk n's
+        // buffers (chunk n + 2's copies go there next)
         cp_async_wait<0>();
         __syncthreads();
     }
 
+    if (kwarp) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-            state_out[cb.state_base + (int64_t)r * cb.Dv + c] = s[j][e];
-        }
+            for (int e = 0; e < 4; ++e) {
+                const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+                state_out[cb.state_base + (int64_t)r * cb.Dv + c] = s[j][e];
+            }
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
