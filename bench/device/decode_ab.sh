@@ -7,8 +7,11 @@
 #   carry [".devicepack/fast_before.cuh"]:  BOUNDS="8" bash bench/device/decode_ab.sh
 # Prefill (the split kernels):  FILE=plugins/linear_attention/split.cuh PART=prefill
 #   BEFORE=.devicepack/split_before.cuh TESTS="chunk or dispatch" bash bench/device/decode_ab.sh
+# ALT="a.cuh b.cuh": more variants of $FILE, benched after the tree (named by file). CACHE=dir: a plugin cache
+# prebuilt here for the variants (QWEN3NEXT_TRT_CACHE=dir), so the device compiles nothing (~90 s each).
 set -u
 source bench/device/env.sh
+[ -n "${CACHE:-}" ] && export QWEN3NEXT_TRT_CACHE=$PWD/$CACHE
 F=${FILE:-plugins/linear_attention/fast.cuh}
 PART=${PART:-decode}
 BEFORE=${BEFORE:-.devicepack/fast_before.cuh}
@@ -31,4 +34,5 @@ for n in ${BOUNDS:-}; do
   bench lb$n
   cp /tmp/ab_tree.cuh $F
 done
+for a in ${ALT:-}; do cp "$a" $F; bench $(basename "$a" .cuh); cp /tmp/ab_tree.cuh $F; done
 if [ -f "$BEFORE" ]; then cp "$BEFORE" $F; bench before; cp /tmp/ab_tree.cuh $F; fi
