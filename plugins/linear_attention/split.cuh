@@ -8,15 +8,17 @@
 //   The Gram products k_i.k_j, q_i.k_j once per key head, then for each value head that shares it (GVA),
 //   two at a time: M by forward substitution, one column per thread. M, P (64 x 64 float32) and G of
 //   each value head go to the workspace.
-// state_kernel, one block per (batch, value head, 32 state columns), the chunks in order:
+// state pass, one block per (batch, value head, 32 state columns), the chunks in order:
 //     D = M (V - e^G (K S));  O = scale e^G (Q S) + P D;  S <- e^(G_last) S + K^T (e^(G_last-G) D)
-//   every product on mma.m16n8k8 TF32 with float32 accumulation; an operand tf32 does not hold exactly
-//   (the state, M, P, D; float32 k and q) is split into a tf32 high part and remainder and the cross
-//   products are summed (remainder x remainder dropped): float32-level accuracy, as the state is carried
-//   over the whole sequence. 16-bit k, q are exact in tf32 (10 mantissa bits at most). For bf16 inputs
-//   the products with k or q (K S, Q S, K^T D) run on bf16 m16n8k16 instead, the state and deltas in
-//   three bf16 parts (kBf16Path below). The next chunk's k, q, v, M, P, G are copied in with cp.async
-//   while the current chunk computes.
+//   every product on mma.sync with float32 accumulation; an operand the mma type does not hold exactly
+//   (the state, M, P, D; float32 k and q) is split into parts whose cross products are summed: tf32 high
+//   part + remainder on m16n8k8 (remainder x remainder dropped), or, for the products with bf16 k or q
+//   (K S, Q S, K^T D), three bf16 parts on m16n8k16: float32-level accuracy, as the state is carried over
+//   the whole sequence. 16-bit k, q are exact in tf32 (10 mantissa bits at most).
+//   state_columns_kernel (16-bit inputs): each pair of warps owns 8 of the 32 state columns for the whole
+//   chunk (R, D, O and the state's columns never mix), so a chunk takes two pair barriers and one block
+//   barrier; all inputs of the next chunk are copied in by cp.async while this one computes.
+//   state_kernel (float32 inputs, whose k, q rows are too wide for that layout): the block-wide walk.
 // A sequence longer than the workspace holds is walked in segments (factor pass, then state pass, per
 // segment), the state passing through present_state between them.
 #pragma once
@@ -287,17 +289,7 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
 }
 
 // ------------------------------------------------------------------------------------------------
-// state pass
-
-// M and P double-buffered when they fit (16-bit inputs): the next chunk's are then copied in from the
-// start of a chunk, not from after their last use.
-template <typename T>
-constexpr int kMPBufs = sizeof(T) == 2 ? 2 : 1;
-// Q and O double-buffered too for 16-bit inputs (227,088 bytes in all for fp16, 232,192 for bf16): then nothing but the deltas'
-// and the residuals' barriers separates one chunk's products from the next's (3 barriers per chunk;
-// float32 inputs, single-buffered: 5).
-template <typename T>
-constexpr int kQOBufs = sizeof(T) == 2 ? 2 : 1;
+// state pass: shared parts
 
 // bf16 inputs: K S, Q S and K^T (e^(G_last-G) D) on bf16 m16n8k16 mma, fragments by ldmatrix, the state and
 // the scaled deltas split into three bf16 parts (hi + mid + lo: 24 significant bits, float32 level; k and q
@@ -335,20 +327,23 @@ struct DeltaCopy<__nv_bfloat16> {
     __nv_bfloat16 p[3][kSplitC][kColLd];
 };
 
+// ------------------------------------------------------------------------------------------------
+// state pass, float32 inputs: the block-wide walk (float32 k, q rows are twice as wide, so nothing but k is
+// double-buffered and the column walk's layout does not fit; five barriers per chunk)
+
 template <typename T>
 struct StateSmem {
     T K[2][kSplitC][kRowLd<T>];  // double-buffered: the next chunk's k arrives while this one's is in use
-    T Q[kQOBufs<T>][kSplitC][kRowLd<T>];
-    float M[kMPBufs<T>][kSplitC][kMPLd];
-    float P[kMPBufs<T>][kSplitC][kMPLd];
+    T Q[kSplitC][kRowLd<T>];
+    float M[kSplitC][kMPLd];
+    float P[kSplitC][kMPLd];
     T V[kSplitC][kCols + 8];
     float G[2][kSplitC];
     float wl[kSplitC];  // e^(G_last - G_i)
     StateCopy<T> S;  // the state slice as step 1's B (the float32 state stays in its row-owner warp's registers)
-    DeltaCopy<T> DW;
     float R[kSplitC][kColLd];  // V - e^G K S
     float D[kSplitC][kColLd];  // deltas
-    float O[kQOBufs<T>][kSplitC][kColLd];  // scale e^G Q S -> outputs
+    float O[kSplitC][kColLd];  // scale e^G Q S -> outputs
 };
 
 template <typename T>
@@ -356,9 +351,9 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ ws,
     T* __restrict__ out, const float* state_in, float* state_out, int seq, int num_k_heads, int num_v_heads,
     int head_v_dim, int chunk0, int chunks, int seg_chunks, float scale) {
+    static_assert(std::is_same<T, float>::value, "float32 inputs (16-bit ones take state_columns_kernel)");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     StateSmem<T>& sm = *reinterpret_cast<StateSmem<T>*>(smem_raw);
-    constexpr bool kExact = sizeof(T) == 2;
     constexpr int kVec = 16 / sizeof(T);
     const ChunkBlock cb(num_k_heads, num_v_heads, head_v_dim);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -369,7 +364,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
     const auto factors = [&](int n) { return ws + factor_base(cb.b, cb.h, n, num_v_heads, seg_chunks); };
     const auto copy_k = [&](int n) { copy_rows<T, kStateThreads>(sm.K[n & 1], k, qk_row0(n), cb.qk_stride, valid_of(n)); };
     const auto copy_q = [&](int n) {
-        copy_rows<T, kStateThreads>(sm.Q[n % kQOBufs<T>], q, qk_row0(n), cb.qk_stride, valid_of(n));
+        copy_rows<T, kStateThreads>(sm.Q, q, qk_row0(n), cb.qk_stride, valid_of(n));
     };
     const auto copy_mat = [&](float (*dst)[kMPLd], const float* src) {
         for (int idx = tid; idx < kSplitC * kSplitC / 4; idx += kStateThreads)
@@ -392,18 +387,12 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
     float s[4][4];
     const auto publish_state = [&]() {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if constexpr (kBf16Path<T>) {
-                store_split3(sm.S.p, s_row0 + 16 * j, s_col, s[j][0], s[j][1]);
-                store_split3(sm.S.p, s_row0 + 16 * j + 8, s_col, s[j][2], s[j][3]);
-            } else {
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-                    split_tf32(s[j][e], false, sm.S.h[r][c], sm.S.l[r][c]);
-                }
+            for (int e = 0; e < 4; ++e) {
+                const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
+                split_tf32(s[j][e], false, sm.S.h[r][c], sm.S.l[r][c]);
             }
-        }
     };
 #pragma unroll
     for (int j = 0; j < 4; ++j)
@@ -417,8 +406,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
     // prologue: all of chunk 0, then chunk 1's k
     copy_k(0);
     copy_q(0);
-    copy_mat(sm.M[0], factors(0));
-    copy_mat(sm.P[0], factors(0) + kSplitC * kSplitC);
+    copy_mat(sm.M, factors(0));
+    copy_mat(sm.P, factors(0) + kSplitC * kSplitC);
     copy_vg(0);
     cp_async_commit();
     if (chunks > 1) copy_k(1);
@@ -433,54 +422,29 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
 
 #pragma unroll 1
     for (int n = 0; n < chunks; ++n) {
-        const int kb = n & 1, mb = n % kMPBufs<T>, qb = n % kQOBufs<T>;
+        const int kb = n & 1;
         const float* G = sm.G[kb];
-        float(*O)[kColLd] = sm.O[qb];
+        float(*O)[kColLd] = sm.O;
         const bool more = n + 1 < chunks;
-        if (kMPBufs<T> == 2 && more) {  // the buffers of chunk n - 1, free since its step 4
-            copy_mat(sm.M[mb ^ 1], factors(n + 1));
-            copy_mat(sm.P[mb ^ 1], factors(n + 1) + kSplitC * kSplitC);
-        }
-        if (kQOBufs<T> == 2 && more) copy_q(n + 1);  // the buffer of chunk n - 1, free since its step 1
 
         // 1. [K; Q] S: warps 0-3 K rows 16w.., warps 4-7 Q rows 16(w-4)..
         float acc[4][3][4] = {};
-        if constexpr (kBf16Path<T>) {
-            const T(*A)[kRowLd<T>] = warp < 4 ? sm.K[kb] : sm.Q[qb];
-            const int r = 16 * (warp & 3) + (lane & 15), hi8 = (lane >> 4) * 8;
-#pragma unroll 2
-            for (int k0 = 0; k0 < kDk; k0 += 16) {
-                uint32_t a[4];
-                q3n::ldmatrix_x4(a, &A[r][k0 + hi8]);
-#pragma unroll
-                for (int part = 0; part < 3; ++part)
-#pragma unroll
-                    for (int np = 0; np < 2; ++np) {  // n-tiles 2 np, 2 np + 1
-                        uint32_t b[4];
-                        q3n::ldmatrix_x4_trans(b, &sm.S.p[part][k0 + (lane & 15)][16 * np + hi8]);
-                        q3n::mma_16816<T>(acc[2 * np][part], a, b);
-                        q3n::mma_16816<T>(acc[2 * np + 1][part], a, b + 2);
-                    }
-            }
-        } else {
-            const T(*A)[kRowLd<T>] = warp < 4 ? sm.K[kb] : sm.Q[qb];
+        {
+            const T(*A)[kRowLd<T>] = warp < 4 ? sm.K[kb] : sm.Q;
             const int r = 16 * (warp & 3) + g;
 #pragma unroll 4
             for (int k0 = 0; k0 < kDk; k0 += 8) {
-                const FragA a = frag_a<kExact>(q3n::to_float(A[r][k0 + t]), q3n::to_float(A[r + 8][k0 + t]),
-                                               q3n::to_float(A[r][k0 + t + 4]), q3n::to_float(A[r + 8][k0 + t + 4]));
+                const FragA a = frag_a<false>(A[r][k0 + t], A[r + 8][k0 + t], A[r][k0 + t + 4], A[r + 8][k0 + t + 4]);
 #pragma unroll
                 for (int nt = 0; nt < 4; ++nt) {
                     const int c = 8 * nt + g;
                     const FragB b = {{sm.S.h[k0 + t][c], sm.S.h[k0 + t + 4][c]}, {sm.S.l[k0 + t][c], sm.S.l[k0 + t + 4][c]}};
-                    mma3<kExact, false>(acc[nt], a, b);
+                    mma3<false, false>(acc[nt], a, b);
                 }
             }
         }
-        if (kQOBufs<T> == 1) {  // Q is refilled: every warp must be done with it
-            __syncthreads();
-            if (more) copy_q(n + 1);
-        }
+        __syncthreads();  // Q is refilled: every warp must be done with it
+        if (more) copy_q(n + 1);
         cp_async_commit();
 
         // 2. R = V - e^G K S (warps 0-3); O = scale e^G Q S (warps 4-7)
@@ -493,7 +457,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
                 for (int el = 0; el < 4; ++el) {
                     const int i = r0 + (el >> 1) * 8, c = 8 * nt + 2 * t + (el & 1);
                     if (warp < 4)
-                        sm.R[i][c] = q3n::to_float(sm.V[i][c]) - e[el >> 1] * sum3(acc[nt], el);
+                        sm.R[i][c] = sm.V[i][c] - e[el >> 1] * sum3(acc[nt], el);
                     else
                         O[i][c] = scale * e[el >> 1] * sum3(acc[nt], el);
                 }
@@ -522,24 +486,20 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
         };
         {
             float d[2][3][4] = {};
-            lower_product(sm.M[mb], sm.R, d);
+            lower_product(sm.M, sm.R, d);
 #pragma unroll
             for (int p = 0; p < 2; ++p) {
                 const int r = 16 * (p == 0 ? pm0 : pm1) + g, c = 8 * pair_nt + 2 * t;
                 sm.D[r][c] = sum3(d[p], 0), sm.D[r][c + 1] = sum3(d[p], 1);
                 sm.D[r + 8][c] = sum3(d[p], 2), sm.D[r + 8][c + 1] = sum3(d[p], 3);
-                if constexpr (kBf16Path<T>) {
-                    store_split3(sm.DW.p, r, c, sm.wl[r] * sum3(d[p], 0), sm.wl[r] * sum3(d[p], 1));
-                    store_split3(sm.DW.p, r + 8, c, sm.wl[r + 8] * sum3(d[p], 2), sm.wl[r + 8] * sum3(d[p], 3));
-                }
             }
         }
         __syncthreads();
-        if (kMPBufs<T> == 1 && more) copy_mat(sm.M[0], factors(n + 1));
+        if (more) copy_mat(sm.M, factors(n + 1));
         cp_async_commit();
         {
             float o[2][3][4] = {};
-            lower_product(sm.P[mb], sm.D, o);
+            lower_product(sm.P, sm.D, o);
 #pragma unroll
             for (int p = 0; p < 2; ++p) {
                 const int r = 16 * (p == 0 ? pm0 : pm1) + g, c = 8 * pair_nt + 2 * t;
@@ -547,10 +507,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
                 O[r + 8][c] += sum3(o[p], 2), O[r + 8][c + 1] += sum3(o[p], 3);
             }
         }
-        if (kMPBufs<T> == 1) {  // P is refilled: every warp must be done with it
-            __syncthreads();
-            if (more) copy_mat(sm.P[0], factors(n + 1) + kSplitC * kSplitC);
-        }
+        __syncthreads();  // P is refilled: every warp must be done with it
+        if (more) copy_mat(sm.P, factors(n + 1) + kSplitC * kSplitC);
         cp_async_commit();
 
         // 5. S <- e^(G_last) S + K^T (e^(G_last - G) D) on this warp's part of the state
@@ -559,33 +517,13 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
             float u[4][3][4] = {};
             const T(*Kc)[kRowLd<T>] = sm.K[kb];
             const int c = 8 * s_nt + g;
-            if constexpr (kBf16Path<T>) {
-                // A = K^T by transposed ldmatrix of K (rows = tokens); B = the deltas' three parts
-                const int m0 = 64 * (warp >> 2) + ((lane >> 3) & 1) * 8, kr = (lane & 7) + ((lane >> 4) & 1) * 8;
-#pragma unroll
-                for (int k0 = 0; k0 < kSplitC; k0 += 16) {
-                    uint32_t b01[4], b2[4];
-                    q3n::ldmatrix_x4_trans(b01, &sm.DW.p[lane >> 4][k0 + (lane & 15)][8 * s_nt]);
-                    q3n::ldmatrix_x4_trans(b2, &sm.DW.p[2][k0 + (lane & 15)][8 * s_nt]);
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        uint32_t a[4];
-                        q3n::ldmatrix_x4_trans(a, &Kc[k0 + kr][m0 + 16 * j]);
-                        q3n::mma_16816<T>(u[j][0], a, b01);
-                        q3n::mma_16816<T>(u[j][1], a, b01 + 2);
-                        q3n::mma_16816<T>(u[j][2], a, b2);
-                    }
-                }
-            } else {
 #pragma unroll 2
-                for (int k0 = 0; k0 < kSplitC; k0 += 8) {
-                    const FragB b = frag_b<false>(sm.wl[k0 + t] * sm.D[k0 + t][c], sm.wl[k0 + t + 4] * sm.D[k0 + t + 4][c]);
+            for (int k0 = 0; k0 < kSplitC; k0 += 8) {
+                const FragB b = frag_b<false>(sm.wl[k0 + t] * sm.D[k0 + t][c], sm.wl[k0 + t + 4] * sm.D[k0 + t + 4][c]);
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const int r = s_row0 + 16 * j;
-                        mma3<kExact, false>(u[j], frag_a<kExact>(q3n::to_float(Kc[k0 + t][r]), q3n::to_float(Kc[k0 + t][r + 8]),
-                                                                 q3n::to_float(Kc[k0 + t + 4][r]), q3n::to_float(Kc[k0 + t + 4][r + 8])), b);
-                    }
+                for (int j = 0; j < 4; ++j) {
+                    const int r = s_row0 + 16 * j;
+                    mma3<false, false>(u[j], frag_a<false>(Kc[k0 + t][r], Kc[k0 + t][r + 8], Kc[k0 + t + 4][r], Kc[k0 + t + 4][r + 8]), b);
                 }
             }
 #pragma unroll
@@ -601,8 +539,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
         if (n + 2 < chunks) copy_k(n + 2);
         cp_async_commit();
 
-        // outputs: 8 consecutive columns of one row per thread (O is next written two chunks on, or after the
-        // next chunk's first barrier when single-buffered)
+        // outputs: 8 consecutive columns of one row per thread (O is next written after the next chunk's first
+        // barrier)
         {
             const int i = tid / 4, c = (tid % 4) * 8;
             if (i < valid_of(n)) {
