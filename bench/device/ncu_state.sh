@@ -1,9 +1,11 @@
-# One device call: Nsight Compute on the split prefill's state pass (1 x 4096 bf16, one launch of the
-# matching kernel): where its warps stall, per SASS instruction. For the working tree's split.cuh, then for
-# $BEFORE when carried. Writes $OUT/ncu_<variant>_{details.txt,source.csv}.
+# One device call: Nsight Compute on the split prefill (1 x 4096 bf16, one launch of each of its two
+# kernels, KERNELS to narrow): where its warps stall, per SASS instruction. For the working tree's split.cuh,
+# then for $BEFORE when carried. Writes $OUT/ncu_<variant>_{details.txt,source.csv}. CACHE=dir: a carried
+# prebuilt plugin cache (as in decode_ab.sh).
 #   carry [".devicepack/split_before.cuh"]:  bash bench/device/ncu_state.sh
 set -u
 source bench/device/env.sh
+[ -n "${CACHE:-}" ] && export QWEN3NEXT_TRT_CACHE=$PWD/$CACHE
 F=plugins/linear_attention/split.cuh
 BEFORE=${BEFORE:-.devicepack/split_before.cuh}
 cat > /tmp/ncu_one.py <<'PY'
@@ -18,7 +20,7 @@ torch.cuda.synchronize()
 PY
 profile() {
   python3 /tmp/ncu_one.py  # builds the library outside the profiler
-  timeout ${NCU_TIMEOUT:-200} ncu -k "regex:state_" -c 1 --set full --import-source yes -f -o $OUT/ncu_$1 python3 /tmp/ncu_one.py \
+  timeout ${NCU_TIMEOUT:-200} ncu -k "regex:${KERNELS:-state_|factor_}" -c 2 --set full --import-source yes -f -o $OUT/ncu_$1 python3 /tmp/ncu_one.py \
     > $OUT/ncu_$1.log 2>&1; tail -3 $OUT/ncu_$1.log
   ncu -i $OUT/ncu_$1.ncu-rep --page details > $OUT/ncu_$1_details.txt 2>&1
   ncu -i $OUT/ncu_$1.ncu-rep --page source --print-source sass --csv > $OUT/ncu_$1_source.csv 2>&1
