@@ -327,6 +327,33 @@ struct DeltaCopy<__nv_bfloat16> {
     __nv_bfloat16 p[3][kSplitC][kColLd];
 };
 
+// A warp's state registers in C-fragment layout, s[j][e] = row row0 + 16 j + 8 (e / 2), column col + e % 2 of
+// the block's slice: from / to global memory, and published as high part + remainder for step 1's B (tf32 path).
+template <int J, class F>
+__device__ __forceinline__ void for_state_frags(int row0, int col, F f) {
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) f(j, e, row0 + 16 * j + (e >> 1) * 8, col + (e & 1));
+}
+template <int J>
+__device__ __forceinline__ void load_state_frags(float (&s)[J][4], const float* state_in, const ChunkBlock& cb, int row0,
+                                                 int col) {
+    for_state_frags<J>(row0, col, [&](int j, int e, int r, int c) {
+        s[j][e] = state_in ? state_in[cb.state_base + (int64_t)r * cb.Dv + c] : 0.f;
+    });
+}
+template <int J>
+__device__ __forceinline__ void store_state_frags(const float (&s)[J][4], float* state_out, const ChunkBlock& cb, int row0,
+                                                  int col) {
+    for_state_frags<J>(row0, col, [&](int j, int e, int r, int c) { state_out[cb.state_base + (int64_t)r * cb.Dv + c] = s[j][e]; });
+}
+template <int J>
+__device__ __forceinline__ void publish_tf32(const float (&s)[J][4], uint32_t (*h)[kColLd], uint32_t (*l)[kColLd], int row0,
+                                             int col) {
+    for_state_frags<J>(row0, col, [&](int j, int e, int r, int c) { split_tf32(s[j][e], false, h[r][c], l[r][c]); });
+}
+
 // ------------------------------------------------------------------------------------------------
 // state pass, float32 inputs: the block-wide walk (float32 k, q rows are twice as wide, so nothing but k is
 // double-buffered and the column walk's layout does not fit; five barriers per chunk)
@@ -385,22 +412,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
     // (One n-tile per warp: step 5's B operand, the deltas, is split once per warp for four m-tiles.)
     const int s_nt = warp & 3, s_row0 = 64 * (warp >> 2) + g, s_col = 8 * s_nt + 2 * t;
     float s[4][4];
-    const auto publish_state = [&]() {
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-                split_tf32(s[j][e], false, sm.S.h[r][c], sm.S.l[r][c]);
-            }
-    };
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-            s[j][e] = state_in ? state_in[cb.state_base + (int64_t)r * cb.Dv + c] : 0.f;
-        }
+    const auto publish_state = [&]() { publish_tf32(s, sm.S.h, sm.S.l, s_row0, s_col); };
+    load_state_frags(s, state_in, cb, s_row0, s_col);
     publish_state();
 
     // prologue: all of chunk 0, then chunk 1's k
@@ -551,14 +564,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
         }
     }
     cp_async_wait<0>();
-
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-            state_out[cb.state_base + (int64_t)r * cb.Dv + c] = s[j][e];
-        }
+    store_state_frags(s, state_out, cb, s_row0, s_col);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -651,28 +657,18 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
     const int s_row0 = g, s_col = c8 + 2 * t;
     float s[8][4];
     const auto publish_state = [&]() {
+        if constexpr (kBf16Path<T>) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            if constexpr (kBf16Path<T>) {
+            for (int j = 0; j < 8; ++j) {
                 store_split3(sm.S.p, s_row0 + 16 * j, s_col, s[j][0], s[j][1]);
                 store_split3(sm.S.p, s_row0 + 16 * j + 8, s_col, s[j][2], s[j][3]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-                    split_tf32(s[j][e], false, sm.S.h[r][c], sm.S.l[r][c]);
-                }
             }
+        } else {
+            publish_tf32(s, sm.S.h, sm.S.l, s_row0, s_col);
         }
     };
     if (kwarp) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-                s[j][e] = state_in ? state_in[cb.state_base + (int64_t)r * cb.Dv + c] : 0.f;
-            }
+        load_state_frags(s, state_in, cb, s_row0, s_col);
         publish_state();
     }
     copy_chunk(0);
@@ -845,15 +841,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
         __syncthreads();
     }
 
-    if (kwarp) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = s_row0 + 16 * j + (e >> 1) * 8, c = s_col + (e & 1);
-                state_out[cb.state_base + (int64_t)r * cb.Dv + c] = s[j][e];
-            }
-    }
+    if (kwarp) store_state_frags(s, state_out, cb, s_row0, s_col);
 }
 
 // ------------------------------------------------------------------------------------------------
