@@ -1,7 +1,7 @@
 """How many bf16 parts the split prefill's state pass needs (plugins/linear_attention/split.cuh, bf16 path): the
 chunk recurrence in float64 with the state (the B operand of K S, Q S) and the scaled deltas (the B operand of
-K^T D) rounded to 1, 2 or 3 bf16 parts, against the same recurrence unrounded. Inputs as the kernel tests draw
-them, rounded to bf16. CPU only, ~1 min:
+K^T D) rounded to 1, 2 or 3 bf16 parts, against the same recurrence unrounded. Inputs drawn as in
+bench/device/split_profile.py (decay bound varied), rounded to bf16. CPU only, ~1 min:
 
     .venv/bin/python bench/gdn_bf16_parts.py
 """
