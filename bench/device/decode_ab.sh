@@ -7,11 +7,11 @@
 #   carry [".devicepack/fast_before.cuh"]:  BOUNDS="8" bash bench/device/decode_ab.sh
 # Prefill (the split kernels):  FILE=plugins/linear_attention/split.cuh PART=prefill
 #   BEFORE=.devicepack/split_before.cuh TESTS="chunk or dispatch" bash bench/device/decode_ab.sh
-# ALT="a.cuh b.cuh": more variants of $FILE, benched after the tree (named by file). CACHE=dir: a plugin cache
-# prebuilt here for the variants (QWEN3NEXT_TRT_CACHE=dir), so the device compiles nothing (~90 s each).
+# ALT="a.cuh b.cuh": more variants of $FILE, benched after the tree (named by file). As in moe_prefill_run.sh, a
+# plugin cache built here for every variant can come along (QWEN3NEXT_TRT_CACHE=$PWD/<carried dir>): the device
+# then compiles nothing (~90 s saved per variant).
 set -u
 source bench/device/env.sh
-[ -n "${CACHE:-}" ] && export QWEN3NEXT_TRT_CACHE=$PWD/$CACHE
 F=${FILE:-plugins/linear_attention/fast.cuh}
 PART=${PART:-decode}
 BEFORE=${BEFORE:-.devicepack/fast_before.cuh}

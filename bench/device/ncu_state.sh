@@ -1,11 +1,10 @@
 # One device call: Nsight Compute on the split prefill (1 x 4096 bf16, one launch of each of its two
 # kernels, KERNELS to narrow): where its warps stall, per SASS instruction. For the working tree's split.cuh,
-# then for $BEFORE when carried. Writes $OUT/ncu_<variant>_{details.txt,source.csv}. CACHE=dir: a carried
-# prebuilt plugin cache (as in decode_ab.sh).
+# then for $BEFORE when carried. Writes $OUT/ncu_<variant>_{details.txt,source.csv}. A prebuilt plugin cache can
+# come along as in decode_ab.sh (QWEN3NEXT_TRT_CACHE).
 #   carry [".devicepack/split_before.cuh"]:  bash bench/device/ncu_state.sh
 set -u
 source bench/device/env.sh
-[ -n "${CACHE:-}" ] && export QWEN3NEXT_TRT_CACHE=$PWD/$CACHE
 F=plugins/linear_attention/split.cuh
 BEFORE=${BEFORE:-.devicepack/split_before.cuh}
 cat > /tmp/ncu_one.py <<'PY'
