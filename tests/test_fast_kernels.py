@@ -163,7 +163,7 @@ def test_chunk_kernel_matches_float64(impl, dtype, T, heads):
                                         ("chunk_split", torch.float32), ("chunk_split", torch.bfloat16)], ids=str)
 def test_chunk_kernel_long_sequence_against_simple_kernel(impl, dtype):
     """4096 tokens, weak decay (long memory): the chunked form and the token loop stay together (bf16: the
-    split pass's three-part bf16 state products; the outputs differ by their bf16 rounding, the state not)."""
+    split pass's two-part bf16 state products; the outputs differ by their bf16 rounding, the state not)."""
     Hk, Hv, Dk, Dv, B, T = 16, 32, 128, 128, 1, 4096
     q, k, v, decay, beta, past = _gdn_inputs(B, T, Hk, Hv, Dk, Dv, seed=5, dtype=dtype)
     decay = (decay.float() * 0.1).to(dtype)

@@ -13,8 +13,8 @@
 //   every product on mma.sync with float32 accumulation; an operand the mma type does not hold exactly
 //   (the state, M, P, D; float32 k and q) is split into parts whose cross products are summed: tf32 high
 //   part + remainder on m16n8k8 (remainder x remainder dropped), or, for the products with bf16 k or q
-//   (K S, Q S, K^T D), three bf16 parts on m16n8k16: float32-level accuracy, as the state is carried over
-//   the whole sequence. 16-bit k, q are exact in tf32 (10 mantissa bits at most).
+//   (K S, Q S, K^T D), two bf16 parts on m16n8k16 (16 significant bits: the carried state stays within ~5e-6 of
+//   float64 over the whole sequence). 16-bit k, q are exact in tf32 (10 mantissa bits at most).
 //   state_columns_kernel (16-bit inputs): each pair of warps owns 8 of the 32 state columns for the whole
 //   chunk (R, D, O and the state's columns never mix), so a chunk takes two pair barriers and one block
 //   barrier; all inputs of the next chunk are copied in by cp.async while this one computes.
@@ -292,24 +292,28 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
 // state pass: shared parts
 
 // bf16 inputs: K S, Q S and K^T (e^(G_last-G) D) on bf16 m16n8k16 mma, fragments by ldmatrix, the state and
-// the scaled deltas split into three bf16 parts (hi + mid + lo: 24 significant bits, float32 level; k and q
-// are exact). float16 / float32 inputs keep the split-tf32 products (an fp16 split would underflow).
+// the scaled deltas split into kBf16Parts bf16 parts (k and q are exact). Two parts hold 16 significant bits
+// (2^-17 relative per element): the carried state stays within ~5e-6 of float64 over any length
+// (bench/gdn_bf16_parts.py: 3.4e-6 - 4.6e-6; a third part, 5e-9, costs half as many mma again). float16 /
+// float32 inputs keep the split-tf32 products (an fp16 split would underflow).
 template <typename T>
 constexpr bool kBf16Path = std::is_same<T, __nv_bfloat16>::value;
+constexpr int kBf16Parts = 2;
 
-// x = p0 + p1 + p2 (bf16) to within 2^-24 |x|; two neighbouring values as bf16 pairs (p[part][r][c..c+1]).
+// x = p0 + p1 (bf16) to within 2^-17 |x|; two neighbouring values as bf16 pairs (p[part][r][c..c+1]).
 template <int kRows>
-__device__ __forceinline__ void store_split3(__nv_bfloat16 (&p)[3][kRows][kColLd], int r, int c, float x0, float x1) {
+__device__ __forceinline__ void store_split(__nv_bfloat16 (&p)[kBf16Parts][kRows][kColLd], int r, int c, float x0,
+                                            float x1) {
     float rest[2] = {x0, x1};
 #pragma unroll
-    for (int part = 0; part < 3; ++part) {
+    for (int part = 0; part < kBf16Parts; ++part) {
         const __nv_bfloat162 v = __floats2bfloat162_rn(rest[0], rest[1]);
         *reinterpret_cast<__nv_bfloat162*>(&p[part][r][c]) = v;
         rest[0] -= __low2float(v), rest[1] -= __high2float(v);
     }
 }
 
-// The state slice as step 1's B operand: tf32 high part and remainder, or three bf16 parts.
+// The state slice as step 1's B operand: tf32 high part and remainder, or kBf16Parts bf16 parts.
 template <typename T>
 struct StateCopy {
     uint32_t h[kDk][kColLd];
@@ -317,14 +321,14 @@ struct StateCopy {
 };
 template <>
 struct StateCopy<__nv_bfloat16> {
-    __nv_bfloat16 p[3][kDk][kColLd];
+    __nv_bfloat16 p[kBf16Parts][kDk][kColLd];
 };
-// e^(G_last - G_i) D_i in three bf16 parts (step 5's B operand on the bf16 path; nothing otherwise).
+// e^(G_last - G_i) D_i in kBf16Parts bf16 parts (step 5's B operand on the bf16 path; nothing otherwise).
 template <typename T>
 struct alignas(16) DeltaCopy {};
 template <>
 struct DeltaCopy<__nv_bfloat16> {
-    __nv_bfloat16 p[3][kSplitC][kColLd];
+    __nv_bfloat16 p[kBf16Parts][kSplitC][kColLd];
 };
 
 // A warp's state registers in C-fragment layout, s[j][e] = row row0 + 16 j + 8 (e / 2), column col + e % 2 of
@@ -660,8 +664,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
         if constexpr (kBf16Path<T>) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                store_split3(sm.S.p, s_row0 + 16 * j, s_col, s[j][0], s[j][1]);
-                store_split3(sm.S.p, s_row0 + 16 * j + 8, s_col, s[j][2], s[j][3]);
+                store_split(sm.S.p, s_row0 + 16 * j, s_col, s[j][0], s[j][1]);
+                store_split(sm.S.p, s_row0 + 16 * j + 8, s_col, s[j][2], s[j][3]);
             }
         } else {
             publish_tf32(s, sm.S.h, sm.S.l, s_row0, s_col);
@@ -705,16 +709,14 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
             const int ar = lane & 15, ac = (lane >> 4) * 8;
 #pragma unroll 2
             for (int k0 = 0; k0 < kDk; k0 += 16) {
-                uint32_t b01[4], b2[4];  // the state's parts 0, 1 (k halves) and 2
+                uint32_t b01[4];  // the state's parts 0, 1 (each k16 x n8)
                 q3n::ldmatrix_x4_trans(b01, &sm.S.p[lane >> 4][k0 + (lane & 15)][c8]);
-                q3n::ldmatrix_x4_trans(b2, &sm.S.p[2][k0 + (lane & 15)][c8]);
 #pragma unroll
                 for (int mi = 0; mi < 4; ++mi) {
                     uint32_t a[4];
                     q3n::ldmatrix_x4(a, &A[16 * mi + ar][k0 + ac]);
                     q3n::mma_16816<T>(acc[mi][0], a, b01);
                     q3n::mma_16816<T>(acc[mi][1], a, b01 + 2);
-                    q3n::mma_16816<T>(acc[mi][2], a, b2);
                 }
             }
         } else {
@@ -767,8 +769,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
                 sm.D[r + 8][s_col] = d2, sm.D[r + 8][s_col + 1] = d3;
                 if constexpr (kBf16Path<T>) {
                     const float w0 = expf(g_last - G[r]), w1 = expf(g_last - G[r + 8]);
-                    store_split3(sm.DW.p, r, s_col, w0 * d0, w0 * d1);
-                    store_split3(sm.DW.p, r + 8, s_col, w1 * d2, w1 * d3);
+                    store_split(sm.DW.p, r, s_col, w0 * d0, w0 * d1);
+                    store_split(sm.DW.p, r + 8, s_col, w1 * d2, w1 * d3);
                 }
             }
         }
@@ -797,20 +799,18 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
             for (int h = 0; h < 2; ++h) {
                 float u[4][3][4] = {};
                 if constexpr (kBf16Path<T>) {
-                    // A = K^T by transposed ldmatrix of K (rows = tokens); B = the scaled deltas' three parts
+                    // A = K^T by transposed ldmatrix of K (rows = tokens); B = the scaled deltas' parts
                     const int m0 = 64 * h + ((lane >> 3) & 1) * 8, kr = (lane & 7) + ((lane >> 4) & 1) * 8;
 #pragma unroll
                     for (int k0 = 0; k0 < kSplitC; k0 += 16) {
-                        uint32_t b01[4], b2[4];
+                        uint32_t b01[4];
                         q3n::ldmatrix_x4_trans(b01, &sm.DW.p[lane >> 4][k0 + (lane & 15)][c8]);
-                        q3n::ldmatrix_x4_trans(b2, &sm.DW.p[2][k0 + (lane & 15)][c8]);
 #pragma unroll
                         for (int j = 0; j < 4; ++j) {
                             uint32_t a[4];
                             q3n::ldmatrix_x4_trans(a, &Kc[k0 + kr][m0 + 16 * j]);
                             q3n::mma_16816<T>(u[j][0], a, b01);
                             q3n::mma_16816<T>(u[j][1], a, b01 + 2);
-                            q3n::mma_16816<T>(u[j][2], a, b2);
                         }
                     }
                 } else {
