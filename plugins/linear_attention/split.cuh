@@ -6,15 +6,16 @@
 //     G = cumsum(g);  L_ij = beta_i e^(G_i-G_j) k_i.k_j (j<i);  M = (I + L)^-1 diag(beta)
 //     P_ij = scale e^(G_i-G_j) q_i.k_j (j<=i)
 //   The Gram products k_i.k_j, q_i.k_j once per key head, then for each value head that shares it (GVA),
-//   two at a time: M by forward substitution, one column per thread. M, P (64 x 64 float32) and G of
-//   each value head go to the workspace.
+//   two at a time: M by forward substitution, one column per thread. M, P (64 x 64 float32, or for bf16
+//   inputs two bf16 planes each, high part and remainder, in the same bytes) and G of each value head go
+//   to the workspace.
 // state pass, one block per (batch, value head, 32 state columns), the chunks in order:
 //     D = M (V - e^G (K S));  O = scale e^G (Q S) + P D;  S <- e^(G_last) S + K^T (e^(G_last-G) D)
 //   every product on mma.sync with float32 accumulation; an operand the mma type does not hold exactly
-//   (the state, M, P, D; float32 k and q) is split into parts whose cross products are summed: tf32 high
-//   part + remainder on m16n8k8 (remainder x remainder dropped), or, for the products with bf16 k or q
-//   (K S, Q S, K^T D), two bf16 parts on m16n8k16 (16 significant bits: the carried state stays within ~5e-6 of
-//   float64 over the whole sequence). 16-bit k, q are exact in tf32 (10 mantissa bits at most).
+//   (the state, M, P, R, D; float32 k and q) is split into parts whose cross products are summed: for bf16
+//   inputs two bf16 parts on m16n8k16 (16 significant bits: the carried state stays within ~5e-6 of
+//   float64 over the whole sequence), otherwise tf32 high part + remainder on m16n8k8 (remainder x
+//   remainder dropped). 16-bit k, q are exact in bf16 / tf32.
 //   state_columns_kernel (16-bit inputs): each pair of warps owns 8 of the 32 state columns for the whole
 //   chunk (R, D, O and the state's columns never mix), so a chunk takes two pair barriers and one block
 //   barrier; all inputs of the next chunk are copied in by cp.async while this one computes.
@@ -44,6 +45,19 @@ constexpr int kColLd = kCols + 8;   // S, R, D, O row stride: B-fragment reads (
 // k / q rows in shared memory, as loaded (16-bit or float32): row strides of 68 and 132 words.
 template <typename T>
 constexpr int kRowLd = sizeof(T) == 2 ? kDk + 8 : kDk + 4;
+
+// bf16 inputs: every product of the state pass on bf16 m16n8k16 mma (fragments by ldmatrix), each operand
+// that bf16 does not hold (the state, M, P, R, D, the scaled deltas) split into kBf16Parts bf16 parts; k and
+// q are exact. Two parts hold 16 significant bits (2^-17 relative per element): the carried state stays
+// within ~5e-6 of float64 over any length, the outputs within ~1e-5 (bench/gdn_bf16_parts.py; a third part,
+// 5e-9, costs half as many mma again). float16 / float32 inputs keep the split-tf32 products (an fp16
+// split would underflow).
+template <typename T>
+constexpr bool kBf16Path = std::is_same<T, __nv_bfloat16>::value;
+constexpr int kBf16Parts = 2;
+// On the bf16 path the factor pass writes M and P as two bf16 planes (high part, remainder), the 16 KiB a
+// float32 matrix takes, so the workspace layout is the same for every dtype.
+constexpr int kPlaneLd = kSplitC + 8;  // M, P plane row stride in shared memory: ldmatrix rows hit distinct banks
 
 // ------------------------------------------------------------------------------------------------
 // tf32 mma
@@ -267,8 +281,19 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
                 x[i] = (s4[0] + s4[1]) + (s4[2] + s4[3]);
             }
             const float bc = sm.bt[p][c];
+            if constexpr (kBf16Path<T>) {
+                __nv_bfloat16* m = reinterpret_cast<__nv_bfloat16*>(f);
 #pragma unroll
-            for (int i = 0; i < kSplitC; ++i) f[i * kSplitC + c] = x[i] * bc;
+                for (int i = 0; i < kSplitC; ++i) {
+                    const float v = x[i] * bc;
+                    const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+                    m[i * kSplitC + c] = hi;
+                    m[kSplitC * kSplitC + i * kSplitC + c] = __float2bfloat16_rn(v - __bfloat162float(hi));
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < kSplitC; ++i) f[i * kSplitC + c] = x[i] * bc;
+            }
         }
         // P_ij = scale e^(G_i - G_j) q_i.k_j (zeros above the diagonal) and G, as float4 rows
         for (int idx = tid; idx < heads * kSplitC * kSplitC / 4; idx += kFactorThreads) {
@@ -279,7 +304,19 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
 #pragma unroll
             for (int e = 0; e < 4; ++e)
                 pv[e] = j + e <= i ? scale * expf(sm.G[hp][i] - sm.G[hp][j + e]) * sm.Gqk[i][j + e] : 0.f;
-            *reinterpret_cast<float4*>(&f[kSplitC * kSplitC + i * kSplitC + j]) = make_float4(pv[0], pv[1], pv[2], pv[3]);
+            if constexpr (kBf16Path<T>) {
+                __nv_bfloat16* pp = reinterpret_cast<__nv_bfloat16*>(f + kSplitC * kSplitC) + i * kSplitC + j;
+                __nv_bfloat162 hi[2], lo[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    hi[e] = __floats2bfloat162_rn(pv[2 * e], pv[2 * e + 1]);
+                    lo[e] = __floats2bfloat162_rn(pv[2 * e] - __low2float(hi[e]), pv[2 * e + 1] - __high2float(hi[e]));
+                }
+                *reinterpret_cast<uint2*>(pp) = *reinterpret_cast<const uint2*>(hi);
+                *reinterpret_cast<uint2*>(pp + kSplitC * kSplitC) = *reinterpret_cast<const uint2*>(lo);
+            } else {
+                *reinterpret_cast<float4*>(&f[kSplitC * kSplitC + i * kSplitC + j]) = make_float4(pv[0], pv[1], pv[2], pv[3]);
+            }
         }
         if (tid < heads * kSplitC)
             ws[factor_base(b, kh * group + h0 + tid / kSplitC, n, num_v_heads, seg_chunks) + 2 * kSplitC * kSplitC +
@@ -290,15 +327,6 @@ __global__ void __launch_bounds__(kFactorThreads) factor_kernel(
 
 // ------------------------------------------------------------------------------------------------
 // state pass: shared parts
-
-// bf16 inputs: K S, Q S and K^T (e^(G_last-G) D) on bf16 m16n8k16 mma, fragments by ldmatrix, the state and
-// the scaled deltas split into kBf16Parts bf16 parts (k and q are exact). Two parts hold 16 significant bits
-// (2^-17 relative per element): the carried state stays within ~5e-6 of float64 over any length
-// (bench/gdn_bf16_parts.py: 3.4e-6 - 4.6e-6; a third part, 5e-9, costs half as many mma again). float16 /
-// float32 inputs keep the split-tf32 products (an fp16 split would underflow).
-template <typename T>
-constexpr bool kBf16Path = std::is_same<T, __nv_bfloat16>::value;
-constexpr int kBf16Parts = 2;
 
 // x = p0 + p1 (bf16) to within 2^-17 |x|; two neighbouring values as bf16 pairs (p[part][r][c..c+1]).
 template <int kRows>
@@ -582,18 +610,24 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_kernel(
 // Per chunk: two 64-thread named barriers per pair (R, then D, complete) and one block barrier (the
 // cp.async buffers of K, Q, M, P, V, G rotate; the state tiles are published). Every input buffer is
 // double-buffered, so chunk n + 1's copies are issued right after that barrier.
+// M, P of one chunk (float32, or bf16 planes), and R, D of the block's columns (float32, or bf16 parts)
+template <typename T>
+using ChunkMat = std::conditional_t<kBf16Path<T>, __nv_bfloat16[kBf16Parts][kSplitC][kPlaneLd], float[kSplitC][kMPLd]>;
+template <typename T>
+using ColMat = std::conditional_t<kBf16Path<T>, __nv_bfloat16[kBf16Parts][kSplitC][kColLd], float[kSplitC][kColLd]>;
+
 template <typename T>
 struct ColSmem {
     T K[2][kSplitC][kRowLd<T>];
     T Q[2][kSplitC][kRowLd<T>];
-    float M[2][kSplitC][kMPLd];
-    float P[2][kSplitC][kMPLd];
+    ChunkMat<T> M[2];
+    ChunkMat<T> P[2];
     T V[2][kSplitC][kCols + 8];
     float G[2][kSplitC];
     StateCopy<T> S;
     DeltaCopy<T> DW;
-    float R[kSplitC][kColLd];  // each pair's columns
-    float D[kSplitC][kColLd];
+    ColMat<T> R;  // each pair's columns
+    ColMat<T> D;
 };
 
 // the pair's barrier: ids 1-4 (0 is __syncthreads), its two warps only
@@ -647,9 +681,17 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
         const float* f = f0 + (int64_t)n * kFactorFloats;
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
-            const int idx = tid + kStateThreads * m;
-            cp_async16(&sm.M[bf][idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4], f + kStateThreads * 4 * m, true);
-            cp_async16(&sm.P[bf][idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4], f + kSplitC * kSplitC + kStateThreads * 4 * m, true);
+            const int idx = tid + kStateThreads * m;  // 16-byte unit of the matrix
+            void *dm, *dp;
+            if constexpr (kBf16Path<T>) {  // plane idx / 512, row (idx / 8) % 64, 8 columns
+                const int part = idx / (kSplitC * kSplitC / 8), r = (idx / 8) % kSplitC, c = (idx % 8) * 8;
+                dm = &sm.M[bf][part][r][c], dp = &sm.P[bf][part][r][c];
+            } else {
+                dm = &sm.M[bf][idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4];
+                dp = &sm.P[bf][idx / (kSplitC / 4)][(idx % (kSplitC / 4)) * 4];
+            }
+            cp_async16(dm, f + kStateThreads * 4 * m, true);
+            cp_async16(dp, f + kSplitC * kSplitC + kStateThreads * 4 * m, true);
         }
         const T* vp = v0 + (int64_t)n * kSplitC * cb.v_stride;
         cp_async16(&sm.V[bf][v_row][(tid % (kCols / kVec)) * kVec], vp + (v_row < valid ? v_row : 0) * cb.v_stride, v_row < valid);
@@ -680,18 +722,39 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
     __syncthreads();
 
     // D = M R or O += P D on the pair's n-tile, m-tiles mi[0 .. NM): a lower-triangular 64 x 64 A (m-tile mi
-    // needs k-steps 0 .. 2 mi + 1) times B's columns, split-tf32 (neither operand is a tf32 value)
-    const auto lower_product = [&](const float (*A)[kMPLd], const float (*B)[kColLd], auto& d, const int* mis) {
+    // needs its first 16 (mi + 1) columns) times B's columns; neither operand is exact in the mma type, so
+    // bf16: two planes each (the remainder x remainder product dropped), float16: split tf32
+    const auto lower_product = [&](const ChunkMat<T>& A, const ColMat<T>& B, auto& d, const int* mis) {
         constexpr int NM = sizeof(d) / sizeof(d[0]);
+        if constexpr (kBf16Path<T>) {
+            // bf16 planes: A_hi B_hi, A_lo B_hi, A_hi B_lo per k16 step (m-tile mi needs k-steps 0 .. mi)
+            const int ar = lane & 15, ac = (lane >> 4) * 8;
 #pragma unroll
-        for (int ks = 0; ks < 8; ++ks) {
-            const int k0 = 8 * ks;
-            const FragB b = frag_b<false>(B[k0 + t][c8 + g], B[k0 + t + 4][c8 + g]);
+            for (int k0 = 0; k0 < kSplitC; k0 += 16) {
+                uint32_t b01[4];
+                q3n::ldmatrix_x4_trans(b01, &B[lane >> 4][k0 + (lane & 15)][c8]);
 #pragma unroll
-            for (int x = 0; x < NM; ++x) {
-                const int r = 16 * mis[x] + g;
-                if (ks <= 2 * mis[x] + 1)
-                    mma3<false, false>(d[x], frag_a<false>(A[r][k0 + t], A[r + 8][k0 + t], A[r][k0 + t + 4], A[r + 8][k0 + t + 4]), b);
+                for (int x = 0; x < NM; ++x) {
+                    if (k0 > 16 * mis[x]) continue;
+                    uint32_t ah[4], al[4];
+                    q3n::ldmatrix_x4(ah, &A[0][16 * mis[x] + ar][k0 + ac]);
+                    q3n::ldmatrix_x4(al, &A[1][16 * mis[x] + ar][k0 + ac]);
+                    q3n::mma_16816<T>(d[x][0], ah, b01);
+                    q3n::mma_16816<T>(d[x][1], al, b01);
+                    q3n::mma_16816<T>(d[x][2], ah, b01 + 2);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int ks = 0; ks < 8; ++ks) {
+                const int k0 = 8 * ks;
+                const FragB b = frag_b<false>(B[k0 + t][c8 + g], B[k0 + t + 4][c8 + g]);
+#pragma unroll
+                for (int x = 0; x < NM; ++x) {
+                    const int r = 16 * mis[x] + g;
+                    if (ks <= 2 * mis[x] + 1)
+                        mma3<false, false>(d[x], frag_a<false>(A[r][k0 + t], A[r + 8][k0 + t], A[r][k0 + t + 4], A[r + 8][k0 + t + 4]), b);
+                }
             }
         }
     };
@@ -740,9 +803,15 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int i = 16 * mi + g + (e >> 1) * 8, c = s_col + (e & 1);
-                    sm.R[i][c] = q3n::to_float(sm.V[bf][i][c]) - expf(G[i]) * sum3(acc[mi], e);
+                for (int half = 0; half < 2; ++half) {
+                    const int i = 16 * mi + g + half * 8;
+                    const float eg = expf(G[i]);
+                    const float r0 = q3n::to_float(sm.V[bf][i][s_col]) - eg * sum3(acc[mi], 2 * half);
+                    const float r1 = q3n::to_float(sm.V[bf][i][s_col + 1]) - eg * sum3(acc[mi], 2 * half + 1);
+                    if constexpr (kBf16Path<T>)
+                        store_split(sm.R, i, s_col, r0, r1);
+                    else
+                        sm.R[i][s_col] = r0, sm.R[i][s_col + 1] = r1;
                 }
         } else {
 #pragma unroll
@@ -765,12 +834,15 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
             for (int x = 0; x < 2; ++x) {
                 const int r = 16 * mis[x] + g;
                 const float d0 = sum3(d[x], 0), d1 = sum3(d[x], 1), d2 = sum3(d[x], 2), d3 = sum3(d[x], 3);
-                sm.D[r][s_col] = d0, sm.D[r][s_col + 1] = d1;
-                sm.D[r + 8][s_col] = d2, sm.D[r + 8][s_col + 1] = d3;
                 if constexpr (kBf16Path<T>) {
+                    store_split(sm.D, r, s_col, d0, d1);
+                    store_split(sm.D, r + 8, s_col, d2, d3);
                     const float w0 = expf(g_last - G[r]), w1 = expf(g_last - G[r + 8]);
                     store_split(sm.DW.p, r, s_col, w0 * d0, w0 * d1);
                     store_split(sm.DW.p, r + 8, s_col, w1 * d2, w1 * d3);
+                } else {
+                    sm.D[r][s_col] = d0, sm.D[r][s_col + 1] = d1;
+                    sm.D[r + 8][s_col] = d2, sm.D[r + 8][s_col + 1] = d3;
                 }
             }
         }
