@@ -668,8 +668,10 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
     const int64_t kq_rows = (int64_t)kq_row * cb.qk_stride;
     const float* f0 = ws + factor_base(cb.b, cb.h, 0, num_v_heads, seg_chunks) + 4 * tid;
     const T* v0 = v + cb.v_off(seq, t0_of(0), 0) + (tid % (kCols / kVec)) * kVec;
-    const auto copy_chunk = [&](int n) {
-        const int bf = n & 1, valid = valid_of(n);
+    // in two halves, so that one chunk's copies are issued between its computations rather than in one burst
+    // (the burst stalled the issuing warps: ncu long_sb at the LDGSTS operands' reuse)
+    const auto copy_kq = [&](int n) {
+        const int valid = valid_of(n), bf = n & 1;
         const int64_t kq = kq0 + n * kq_chunk;
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
@@ -678,6 +680,9 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
             cp_async16(&sm.K[bf][i][kq_col], k + off, i < valid);
             cp_async16(&sm.Q[bf][i][kq_col], q + off, i < valid);
         }
+    };
+    const auto copy_rest = [&](int n) {
+        const int valid = valid_of(n), bf = n & 1;
         const float* f = f0 + (int64_t)n * kFactorFloats;
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
@@ -717,7 +722,8 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
         load_state_frags(s, state_in, cb, s_row0, s_col);
         publish_state();
     }
-    copy_chunk(0);
+    copy_kq(0);
+    copy_rest(0);
     cp_async_wait<0>();
     __syncthreads();
 
@@ -763,7 +769,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
     for (int n = 0; n < chunks; ++n) {
         const int bf = n & 1;
         const float* G = sm.G[bf];
-        if (n + 1 < chunks) copy_chunk(n + 1);  // into the buffers of chunk n - 1, free since the last barrier
+        if (n + 1 < chunks) copy_kq(n + 1);  // into the buffers of chunk n - 1, free since the last barrier
 
         // 1. (K or Q) S on the pair's n-tile, all 64 rows
         float acc[4][3][4] = {};
@@ -847,6 +853,7 @@ __global__ void __launch_bounds__(kStateThreads, 1) state_columns_kernel(
             }
         }
         pair_sync(pair);  // D (and DW) of the pair's columns are complete
+        if (n + 1 < chunks) copy_rest(n + 1);
 
         if (!kwarp) {
             // 4. O += P D, then the outputs (rows past the sequence are not written)
